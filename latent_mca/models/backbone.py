@@ -100,6 +100,82 @@ class ImageTokenMismatchError(ValueError):
     """The processor inserted a different number of image placeholder tokens than the vision tower yields."""
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids the framework needs, read from a processor and a model config (never literals).
+
+    Attributes:
+        image_token_id: The image placeholder the processor expands (None for text-only models).
+        image_segment_ids: Every id belonging to an image segment (placeholder and its delimiters).
+        pad_token_id: Padding id.
+        eos_token_ids: Ids that end an assistant turn.
+    """
+
+    image_token_id: int | None
+    image_segment_ids: tuple[int, ...]
+    pad_token_id: int
+    eos_token_ids: tuple[int, ...]
+
+
+def read_special_tokens(processor: Any, model_config: Any, generation_config: Any = None) -> SpecialTokens:
+    """Collect the special token ids from a processor, a model config and an optional generation config.
+
+    Raises:
+        ImageTokenMismatchError: If processor and model config disagree on the image token.
+        ValueError: If no pad/EOS token can be found.
+    """
+    tok = getattr(processor, "tokenizer", processor)
+    cfg_img = getattr(model_config, "image_token_id", None)
+    if cfg_img is None:
+        cfg_img = getattr(model_config, "image_token_index", None)
+    proc_img = getattr(processor, "image_token_id", None)
+    if proc_img is not None and cfg_img is not None and int(proc_img) != int(cfg_img):
+        raise ImageTokenMismatchError(
+            f"processor image token id {proc_img} differs from the model config's image token id {cfg_img}: "
+            "the processor and the model come from different checkpoints"
+        )
+    image = proc_img if proc_img is not None else cfg_img
+    segment = {int(v) for a in _IMAGE_SEGMENT_ATTRS if (v := getattr(model_config, a, None)) is not None}
+    if image is not None:
+        segment.add(int(image))
+    text_cfg = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    candidates = (tok.pad_token_id, tok.eos_token_id, getattr(text_cfg, "pad_token_id", None),
+                  getattr(text_cfg, "eos_token_id", None))
+    pad = next((c for c in candidates if isinstance(c, int)), None)
+    if pad is None:
+        raise ValueError("neither the tokenizer nor the model config defines a pad or EOS token")
+    eos: set[int] = set()
+    for source in (tok.eos_token_id, getattr(text_cfg, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+    gen_eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    if gen_eos is not None:
+        eos.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+    vocab = int(getattr(text_cfg, "vocab_size", None) or len(tok))
+    eos = {i for i in eos if 0 <= i < vocab}
+    if not eos:
+        raise ValueError("no end-of-turn token id found in the tokenizer or generation config")
+    return SpecialTokens(
+        image_token_id=None if image is None else int(image),
+        image_segment_ids=tuple(sorted(segment)),
+        pad_token_id=int(pad),
+        eos_token_ids=tuple(sorted(eos)),
+    )
+
+
+def load_special_tokens(path: str | Path, processor: Any = None, *, trust_remote_code: bool = False) -> SpecialTokens:
+    """Special token ids of a saved backbone (reads its config; loads the processor unless given)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    processor = processor if processor is not None else load_processor(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    try:
+        generation = GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json saved beside the model
+        generation = None
+    return read_special_tokens(processor, config, generation)
+
+
 def resolve_dtype(dtype: DType | torch.dtype) -> torch.dtype:
     """Map a config string to a torch dtype."""
     return dtype if isinstance(dtype, torch.dtype) else _DTYPES[dtype]
@@ -152,6 +228,7 @@ class Backbone(nn.Module):
         self.config = config or BackboneConfig()
         self.model = model
         self.processor = processor
+        self._special: SpecialTokens | None = None
         self._uses_mrope = hasattr(self._decoder, "get_rope_index")
         image_kw = inspect.signature(self._decoder.get_image_features).parameters
         self._image_feature_args = {n for n in image_kw if n not in ("self", "kwargs")}
@@ -302,51 +379,32 @@ class Backbone(nn.Module):
         return getattr(self.processor, "tokenizer", self.processor)
 
     @property
+    def special_tokens(self) -> SpecialTokens:
+        """Image, padding and end-of-turn token ids (from the processor and the model config)."""
+        if self._special is None:
+            self._special = read_special_tokens(self.processor if self.processor is not None else _NoTokenizer(),
+                                                self.model_config, getattr(self.model, "generation_config", None))
+        return self._special
+
+    @property
     def image_token_id(self) -> int | None:
-        """Id of the image placeholder token (from the processor, checked against the model config)."""
-        cfg_id = getattr(self.model_config, "image_token_id", None)
-        if cfg_id is None:
-            cfg_id = getattr(self.model_config, "image_token_index", None)
-        proc_id = getattr(self.processor, "image_token_id", None) if self.processor is not None else None
-        if proc_id is not None and cfg_id is not None and int(proc_id) != int(cfg_id):
-            raise ImageTokenMismatchError(
-                f"processor image token id {proc_id} differs from the model config's image token id {cfg_id}: "
-                "the processor and the model come from different checkpoints"
-            )
-        return int(proc_id if proc_id is not None else cfg_id) if (proc_id or cfg_id) is not None else None
+        """Id of the image placeholder token."""
+        return self.special_tokens.image_token_id
 
     @property
     def image_segment_token_ids(self) -> list[int]:
         """Ids of every token that belongs to an image segment (placeholder and its delimiters)."""
-        ids = {int(v) for a in _IMAGE_SEGMENT_ATTRS if (v := getattr(self.model_config, a, None)) is not None}
-        if self.image_token_id is not None:
-            ids.add(self.image_token_id)
-        return sorted(ids)
+        return list(self.special_tokens.image_segment_ids)
 
     @property
     def pad_token_id(self) -> int:
         """Padding id (the tokenizer's pad token, else its EOS)."""
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer defines neither a pad token nor an EOS token")
-        return int(pad)
+        return self.special_tokens.pad_token_id
 
     @property
     def eos_token_ids(self) -> list[int]:
         """Ids that end an assistant turn (tokenizer EOS and the generation config's EOS ids)."""
-        ids: set[int] = set()
-        tok_eos = self.tokenizer.eos_token_id
-        if tok_eos is not None:
-            ids.add(int(tok_eos))
-        gen = getattr(self.model, "generation_config", None)
-        gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if gen_eos is not None:
-            ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-        ids = {i for i in ids if 0 <= i < self.vocab_size}
-        if not ids:
-            raise ValueError("no end-of-turn token id found in the tokenizer or generation config")
-        return sorted(ids)
+        return list(self.special_tokens.eos_token_ids)
 
     # ------------------------------------------------------------------ encoding
     def _positions(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -393,20 +451,24 @@ class Backbone(nn.Module):
             )
         return {"image": out}
 
-    def _run(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor], position_ids: Tensor,
-             cache: Any = None, use_cache: bool = False) -> Any:
+    def _run(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor],
+             cache: Any = None) -> tuple[Any, Tensor]:
+        """One full pass; returns the transformers output and each row's next RoPE position."""
+        # Vision first: a processor/model mismatch must fail here with a clear message, not in RoPE code.
         mm = self._image_outputs(input_ids, vision) if vision else None
-        extra = {k: v for k, v in vision.items() if k not in self._image_feature_args and k != "mm_token_type_ids"
-                 and k != "pixel_attention_mask"}
-        return self._decoder(
+        positions, next_pos = self._positions(input_ids, attention_mask, vision)
+        extra = {k: v for k, v in vision.items()
+                 if k not in self._image_feature_args and k not in ("mm_token_type_ids", "pixel_attention_mask")}
+        out = self._decoder(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=positions,
             past_key_values=cache,
-            use_cache=use_cache,
+            use_cache=cache is not None,
             mm_encoder_outputs=mm,
             **extra,
         )
+        return out, next_pos
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor] | None = None) -> Tensor:
         """Final normalised hidden states for a batch.
@@ -419,9 +481,8 @@ class Backbone(nn.Module):
         Returns:
             Hidden states ``e``, shape ``(B, L, d)``.
         """
-        vision = vision or {}
-        positions, _ = self._positions(input_ids, attention_mask, vision)
-        return self._run(input_ids, attention_mask, vision, positions).last_hidden_state
+        out, _ = self._run(input_ids, attention_mask, vision or {})
+        return out.last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Base-model next-token logits ``lm_head(e)``, shape ``(..., V)``."""
@@ -442,10 +503,8 @@ class Backbone(nn.Module):
         """
         from transformers import DynamicCache
 
-        vision = vision or {}
-        positions, next_pos = self._positions(input_ids, attention_mask, vision)
         cache = DynamicCache(config=self.model_config.get_text_config())
-        out = self._run(input_ids, attention_mask, vision, positions, cache=cache, use_cache=True)
+        out, next_pos = self._run(input_ids, attention_mask, vision or {}, cache=cache)
         state = DecodeState(cache=out.past_key_values, attention_mask=attention_mask, next_position=next_pos)
         return out.last_hidden_state, state
 
@@ -480,6 +539,16 @@ class Backbone(nn.Module):
         model.save_pretrained(out_dir)
         if self.processor is not None:
             self.processor.save_pretrained(out_dir)
+
+
+class _NoTokenizer:
+    """Stand-in used when a Backbone has no processor: ids then come from the model config only."""
+
+    pad_token_id = None
+    eos_token_id = None
+
+    def __len__(self) -> int:
+        return 1 << 31
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
