@@ -98,19 +98,19 @@ class PhaseExport:
             raise KeyError(f"{self.directory} holds no module {name!r} (it has {sorted(self.configs)})")
         return load_file(str(self.directory / f"{name}.safetensors"))
 
-    def build(self, name: str, config_cls: type, module_cls: type | None = None) -> nn.Module:
+    def build(self, name: str, config_cls: type, module_cls: type) -> nn.Module:
         """Rebuild a module from its saved config and load its weights.
 
         Args:
             name: Module name in the export.
             config_cls: The module's config dataclass.
-            module_cls: The module class (called with the config); default: ``config_cls.build()``.
+            module_cls: The module class, called with the config.
 
         Returns:
             The module with its weights loaded (strictly).
         """
         config = config_cls(**self.configs[name])
-        module = module_cls(config) if module_cls is not None else config.build()
+        module = module_cls(config)
         module.load_state_dict(self.state_dict(name), strict=True)
         return module
 

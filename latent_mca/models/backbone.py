@@ -408,7 +408,7 @@ class Backbone(nn.Module):
 
     # ------------------------------------------------------------------ encoding
     def _positions(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """RoPE position ids for a full (prefill) pass, and the next position of each row."""
+        """Compute RoPE position ids for a full (prefill) pass, and the next position of each row."""
         text_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, L), left padding -> 0
         if not self._uses_mrope:
             return text_pos, text_pos[:, -1] + 1
