@@ -110,6 +110,14 @@ class LatentAgent(nn.Module):
         """World-model next-token logits for states ``(..., d)`` and codes ``(...)``."""
         return self.backbone.lm_head(self.world_model(states, self.codebook.embed(codes)))
 
+    def _suppress_image_tokens(self, logits: Tensor) -> Tensor:
+        """Image-segment tokens only come from the processor; a reply must never contain one."""
+        ids = self.backbone.image_segment_token_ids
+        if ids:
+            logits = logits.clone()
+            logits[..., ids] = float("-inf")
+        return logits
+
     @torch.no_grad()
     def generate(self, prompt: ChatInputs, sampling: SamplingConfig | None = None, num_samples: int = 1,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> LatentRollout:
@@ -140,7 +148,7 @@ class LatentAgent(nn.Module):
         redo = None if use_cache else _Recompute(self, prompt, num_samples)
         for _ in range(cfg.max_new_tokens):
             codes, logp = sample_codes(code_logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)  # (N,), (N,)
-            tok_logits = self.token_logits(e_t, codes)  # (N, V)
+            tok_logits = self._suppress_image_tokens(self.token_logits(e_t, codes))  # (N, V)
             if cfg.token_temperature > 0:
                 probs = torch.softmax(tok_logits.float() / cfg.token_temperature, dim=-1)
                 tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
