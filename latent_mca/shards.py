@@ -52,18 +52,22 @@ class ShardSink:
         out_dir: Directory for the shards (created).
         prefix: Shard file name prefix: shards are ``{prefix}-000000.tar``, ``{prefix}-000001.tar``, ...
         samples_per_shard: Samples per shard.
+        mtime: Modification time written into every tar header; a fixed value makes equal samples give
+            byte-identical shards (None: the current time).
 
     Use as a context manager; ``sizes.json`` is merged with any existing one, so several prefixes
     (``train``, ``test_id``, ...) can share a directory.
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000) -> None:
+    def __init__(self, out_dir: str | Path, prefix: str, samples_per_shard: int = 1000,
+                 mtime: float | None = None) -> None:
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
+        self.mtime = mtime
         self.sizes: dict[str, int] = {}
         self._writer: Any = None
         self._name: str | None = None
@@ -81,7 +85,7 @@ class ShardSink:
 
         self._close_current()
         self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
-        self._writer = wds.TarWriter(str(self.out_dir / self._name))
+        self._writer = wds.TarWriter(str(self.out_dir / self._name), mtime=self.mtime)
         self.sizes[self._name] = 0
 
     def _close_current(self) -> None:
