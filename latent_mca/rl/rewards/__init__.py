@@ -12,6 +12,7 @@ from latent_mca.rl.rewards.prompts import (
     mmrole_messages,
     pcogalign_messages,
 )
+from latent_mca.rl.rewards.world import WorldJudge, world_reward
 
 __all__ = [
     "METRICS",
@@ -28,8 +29,10 @@ __all__ = [
     "RewardFunction",
     "RewardInput",
     "WeightedReward",
+    "WorldJudge",
     "image_data_url",
     "mmrole_messages",
     "parse_scores",
     "pcogalign_messages",
+    "world_reward",
 ]
