@@ -49,6 +49,27 @@ class ChatInputs:
         """Whether the view carries image inputs."""
         return bool(self.vision)
 
+    def repeat_interleave(self, repeats: int) -> ChatInputs:
+        """Repeat every row ``repeats`` times (rows grouped), image inputs included.
+
+        Qwen-style flattened patches (``pixel_values`` with ``image_grid_thw``) are split per image and
+        repeated image by image; per-row tensors are repeated along dim 0. One image per row is assumed
+        for flattened patches.
+        """
+        if repeats == 1:
+            return self
+        grid = self.vision.get("image_grid_thw")
+        vision = {}
+        for key, value in self.vision.items():
+            if key == "pixel_values" and grid is not None:
+                chunks = torch.split(value, grid.prod(-1).tolist())  # patches of each image
+                vision[key] = torch.cat([c for c in chunks for _ in range(repeats)])
+            else:
+                vision[key] = value.repeat_interleave(repeats, dim=0)
+        labels = None if self.labels is None else self.labels.repeat_interleave(repeats, dim=0)
+        return ChatInputs(self.input_ids.repeat_interleave(repeats, dim=0),
+                          self.attention_mask.repeat_interleave(repeats, dim=0), labels, vision)
+
 
 @dataclass
 class PairedBatch:

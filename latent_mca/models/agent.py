@@ -185,7 +185,7 @@ class _Recompute:
         self.agent = agent
         self.ids = prompt.input_ids.repeat_interleave(num_samples, dim=0)
         self.mask = prompt.attention_mask.repeat_interleave(num_samples, dim=0)
-        self.vision = _repeat_vision(prompt, num_samples)
+        self.vision = dict(prompt.repeat_interleave(num_samples).vision)
 
     def step(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
@@ -196,22 +196,3 @@ class _Recompute:
         hidden = self.agent.backbone(self.ids, self.mask, self.vision)
         logits = self.agent.policy(hidden, self.mask)
         return hidden[:, -1:], logits[:, -1]
-
-
-def _repeat_vision(prompt: ChatInputs, repeats: int) -> dict[str, Tensor]:
-    """Repeat each row's image inputs ``repeats`` times (Qwen-style flattened patches or per-row tensors)."""
-    vision = dict(prompt.vision)
-    if not vision or repeats == 1:
-        return vision
-    out = {}
-    grid = vision.get("image_grid_thw")
-    for key, value in vision.items():
-        if key == "pixel_values" and grid is not None:
-            sizes = grid.prod(-1).tolist()  # patches per image
-            chunks = torch.split(value, sizes)
-            out[key] = torch.cat([c for c in chunks for _ in range(repeats)])
-        elif value.dim() >= 1 and value.shape[0] in (prompt.batch_size, len(grid) if grid is not None else -1):
-            out[key] = value.repeat_interleave(repeats, dim=0)
-        else:
-            out[key] = value
-    return out

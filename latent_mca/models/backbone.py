@@ -11,8 +11,10 @@ end of turn) are always read from the processor and the model config, never writ
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -527,6 +529,52 @@ class Backbone(nn.Module):
                             past_key_values=state.cache, use_cache=True)
         new_state = DecodeState(cache=out.past_key_values, attention_mask=mask, next_position=state.next_position + 1)
         return out.last_hidden_state, new_state
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor] | None = None, *,
+                 max_new_tokens: int = 64, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, num_return_sequences: int = 1) -> Tensor:
+        """Token-level generation with transformers' ``generate`` (the token RL baseline's rollouts).
+
+        Image-segment tokens are suppressed (a reply never contains one); generation stops at the
+        end-of-turn ids.
+
+        Args:
+            input_ids: Left-padded prompts ``(B, P)``.
+            attention_mask: Prompt mask ``(B, P)``.
+            vision: Processor image outputs.
+            max_new_tokens: Length limit.
+            do_sample: Sample (else greedy).
+            temperature: Sampling temperature.
+            top_k: Top-k truncation (0: none).
+            top_p: Nucleus truncation (1.0: none).
+            num_return_sequences: Samples per prompt (rows grouped by prompt).
+
+        Returns:
+            The generated ids ``(B * num_return_sequences, T)``, padded with the pad id after the end.
+        """
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **(vision or {}),
+            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
+            top_k=top_k if (do_sample and top_k) else None, top_p=top_p if do_sample else None,
+            num_return_sequences=num_return_sequences, eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id, suppress_tokens=self.image_segment_token_ids or None, use_cache=True,
+        )
+        return out[:, input_ids.shape[1]:]
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model without its LoRA adapters (the KL reference of a LoRA-trained backbone)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, out_dir: str | Path) -> None:

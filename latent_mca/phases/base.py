@@ -126,7 +126,7 @@ class PhaseModule(L.LightningModule):
         return [module for module, _ in self.export_modules().values()]
 
     def export(self, out_dir: Path) -> None:
-        """Write the export (called on rank 0 with full parameters); phases that train the backbone override it."""
+        """Write this phase's export on rank 0 with full parameters (backbone-training phases override it)."""
         save_phase(out_dir, self.phase, self.export_modules(), self.backbone, metrics=self.export_metrics(),
                    parent=self.parent)
 

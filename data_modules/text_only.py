@@ -1,0 +1,45 @@
+"""Text-only conversations for stage 1's coverage data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from data_modules.chat import ChatCodec, TextItem, check_messages
+from data_modules.streaming import ShardSource
+from data_modules.webdataset_base import StreamingDataModule
+from latent_mca.batch import TextBatch
+
+
+class TextOnlyDataModule(StreamingDataModule):
+    """Stream text-only shards (``json`` messages) as :class:`~latent_mca.batch.TextBatch`.
+
+    Args:
+        processor: Path of the backbone whose processor encodes the samples.
+        train: Training shards.
+        val: Held-out shards (None: no validation).
+        batch_size: Samples per batch and rank.
+        max_length: Longest sequence; longer samples are skipped and counted.
+        assistant_only: Labels on assistant turns only.
+        samples_per_epoch: Samples per epoch (default: from ``sizes.json``).
+        num_workers: Loader workers per rank.
+        shuffle_buffer: Samples in each worker's shuffle buffer.
+        seed: Data seed.
+    """
+
+    def __init__(self, processor: str, train: str | list[str], val: str | list[str] | None = None,
+                 batch_size: int = 8, max_length: int = 1024, assistant_only: bool = True,
+                 samples_per_epoch: int | None = None, num_workers: int = 2, shuffle_buffer: int = 1000,
+                 seed: int = 0) -> None:
+        super().__init__(
+            train={"text_only": ShardSource(train, batch_size, samples_per_epoch)},
+            val={"text_only": ShardSource(val, batch_size)} if val else None,
+            num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed)
+        self.codec = ChatCodec(processor, max_length, assistant_only)
+
+    def decode_item(self, sample: dict[str, Any]) -> TextItem:
+        """Messages -> encoded conversation."""
+        return self.codec.text(sample["__key__"], check_messages(self.sample_json(sample).get("messages")))
+
+    def collate(self, items: list[TextItem]) -> TextBatch:
+        """Pad into a text batch."""
+        return self.codec.text_batch(items)

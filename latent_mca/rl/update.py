@@ -1,0 +1,169 @@
+"""What latent and token RL share between a rollout and an optimiser step: config, rewards, advantages.
+
+Both :class:`~latent_mca.phases.latent_rl.LatentRLModule` (actions = latent codes) and
+:class:`~latent_mca.phases.token_rl.TokenRLModule` (actions = vocabulary tokens) call :func:`score_rollouts`
+and :func:`prepare_advantages`, then :func:`~latent_mca.rl.losses.policy_loss` once per PPO iteration.
+The algorithm is one config key (``rl.algorithm``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from latent_mca.batch import DialogueBatch
+from latent_mca.rl.advantages import (
+    DEFAULT_SCALE,
+    dynamic_sampling_mask,
+    group_advantages,
+    overlong_penalty,
+    valid_reward_mask,
+)
+from latent_mca.rl.losses import Algorithm
+from latent_mca.rl.rewards.base import RewardFunction, RewardInput
+
+
+@dataclass
+class RLConfig:
+    """The GRPO-family settings shared by latent and token RL.
+
+    Attributes:
+        algorithm: ``grpo``, ``dr_grpo``, ``dapo`` or ``bnpo`` (loss aggregation, as TRL's ``loss_type``).
+        num_generations: Completions sampled per prompt (the group size G).
+        max_new_tokens: Completion length limit (also Dr.GRPO's normaliser).
+        temperature: Sampling temperature of the actions (codes or tokens).
+        top_k: Top-k truncation of the action distribution (0: none).
+        top_p: Nucleus truncation of the action distribution (1.0: none).
+        beta: Weight of the k3 KL to the frozen reference policy (0: no reference is kept).
+        epsilon_low: Lower clip width.
+        epsilon_high: Upper clip width (None: ``epsilon_low``, or 0.28 for DAPO).
+        scale_rewards: ``group``, ``batch`` or ``none`` (None: the algorithm's default; Dr.GRPO uses none).
+        num_iterations: Optimiser steps per rollout batch (PPO-style reuse with the rollout's log-probs as old).
+        mask_truncated_completions: Drop completions that hit the length limit from the loss.
+        dynamic_sampling: Drop groups whose rewards are all equal and refill from the next prompts (DAPO).
+        overlong_cache: Soft overlong penalty window L_cache in tokens (0: off; DAPO uses it).
+    """
+
+    algorithm: Algorithm = "grpo"
+    num_generations: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float | None = None
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    dynamic_sampling: bool = False
+    overlong_cache: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError("rl.num_generations must be >= 2: group-relative advantages need a group")
+        if self.num_iterations < 1:
+            raise ValueError("rl.num_iterations must be >= 1")
+        if not 0 <= self.overlong_cache < self.max_new_tokens:
+            raise ValueError("rl.overlong_cache must be in [0, max_new_tokens)")
+
+    @property
+    def scale(self) -> str:
+        """The advantage scaling actually used."""
+        return self.scale_rewards or DEFAULT_SCALE[self.algorithm]
+
+
+def reward_inputs(batch: DialogueBatch, completions: Sequence[str], group_size: int) -> list[RewardInput]:
+    """One :class:`RewardInput` per completion; completions are grouped by prompt (``group_size`` each)."""
+    if len(completions) != batch.batch_size * group_size:
+        raise ValueError(f"{len(completions)} completions for {batch.batch_size} prompts x {group_size}")
+    out = []
+    for i, text in enumerate(completions):
+        row = i // group_size
+        out.append(RewardInput(prompt=batch.messages[row], completion=text, reference=batch.references[row],
+                               image=batch.images[row], metadata=batch.metadata[row],
+                               key=f"{batch.keys[row]}#{i % group_size}"))
+    return out
+
+
+def score_rollouts(reward: RewardFunction, batch: DialogueBatch, completions: Sequence[str],
+                   group_size: int) -> Tensor:
+    """Rewards ``(N,)`` as float32; NaN where the reward function could not score (never 0)."""
+    values = reward(reward_inputs(batch, completions, group_size))
+    if len(values) != len(completions):
+        raise ValueError(f"reward {getattr(reward, 'name', reward)!r} returned {len(values)} values for "
+                         f"{len(completions)} completions")
+    return torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
+
+
+@dataclass
+class Advantages:
+    """Advantages and the rows that take part in the loss.
+
+    Attributes:
+        advantages: Per completion ``(N,)``.
+        row_mask: Completions that count ``(N,)`` bool (scored, in a kept group, not truncated if so set).
+        rewards: The rewards used, overlong penalty included ``(N,)``.
+        stats: Scalars to log.
+    """
+
+    advantages: Tensor
+    row_mask: Tensor
+    rewards: Tensor
+    stats: dict[str, float]
+
+
+def prepare_advantages(rewards: Tensor, lengths: Tensor, finished: Tensor, cfg: RLConfig,
+                       gather: Callable[[Tensor], Tensor] | None = None) -> Advantages:
+    """Turn rewards into group-relative advantages under the configured algorithm's options.
+
+    Args:
+        rewards: Raw rewards ``(N,)`` (NaN = could not score).
+        lengths: Completion lengths ``(N,)``.
+        finished: Whether each completion ended with an end-of-turn token ``(N,)``.
+        cfg: RL settings.
+        gather: Gathers a per-row tensor from every rank (needed for ``batch`` scaling on several ranks).
+
+    Returns:
+        The advantages, the rows that count, and statistics.
+    """
+    g = cfg.num_generations
+    rewards = rewards.to(torch.float32).clone()
+    raw_mean = torch.nanmean(rewards)
+    if cfg.overlong_cache:
+        rewards = rewards + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_cache).to(rewards)
+    if cfg.scale == "batch":
+        # Centre on the group mean, divide by the std of every valid reward of the step (all ranks).
+        pool = gather(rewards) if gather is not None else rewards
+        pool = pool[~torch.isnan(pool)]
+        std = pool.std() if pool.numel() > 1 else pool.new_zeros(())
+        adv = group_advantages(rewards, g, "none") / (std + 1e-4)
+    else:
+        adv = group_advantages(rewards, g, cfg.scale)
+    row_mask = valid_reward_mask(rewards)
+    kept_groups = torch.ones_like(row_mask)
+    if cfg.dynamic_sampling:
+        kept_groups = dynamic_sampling_mask(torch.nan_to_num(rewards, nan=math.inf), g)
+        row_mask = row_mask & kept_groups
+    if cfg.mask_truncated_completions:
+        row_mask = row_mask & finished.bool()
+    stats = {
+        "reward": float(raw_mean),
+        "reward_std": float(torch.nan_to_num(rewards.view(-1, g).std(-1), nan=0.0).mean()),
+        "unscored": float(torch.isnan(rewards).float().sum()),
+        "groups_kept": float(kept_groups.view(-1, g)[:, 0].float().mean()),
+        "truncated": float((~finished.bool()).float().mean()),
+        "completion_length": float(lengths.float().mean()),
+    }
+    return Advantages(advantages=adv, row_mask=row_mask, rewards=rewards, stats=stats)
+
+
+def decode_completions(tokenizer: Any, tokens: Tensor, mask: Tensor) -> list[str]:
+    """Completion texts (special tokens dropped) from padded token ids and their mask."""
+    rows = [t[m.bool()].tolist() for t, m in zip(tokens.cpu(), mask.cpu())]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
