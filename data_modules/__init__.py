@@ -21,6 +21,7 @@ _LAZY = {
     "TextOnlyDataModule": "data_modules.text_only",
     "MixedDataModule": "data_modules.mixed",
     "DialogueDataModule": "data_modules.dialogue",
+    "TokenBlockDataModule": "data_modules.token_blocks",
 }
 
 __all__ = sorted(_LAZY)

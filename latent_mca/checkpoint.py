@@ -223,6 +223,23 @@ def load_phase(path: str | Path) -> PhaseExport:
     )
 
 
+DONE_FILE = "export_complete.json"
+
+
+def mark_complete(path: str | Path, phase: str, global_step: int, metrics: dict[str, float] | None = None) -> None:
+    """Write the marker that says an export (latent modules or a Hugging Face checkpoint) is complete."""
+    info = {"phase": phase, "global_step": int(global_step), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()}}
+    tmp = Path(path) / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+    tmp.replace(Path(path) / DONE_FILE)
+
+
 def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` holds a finished phase export (used by the pipeline to skip done phases)."""
-    return (Path(path) / PHASE_FILE).exists()
+    """Whether ``path`` holds a finished export (the pipeline skips phases whose export is complete)."""
+    return (Path(path) / DONE_FILE).exists()
+
+
+def completion_info(path: str | Path) -> dict[str, Any]:
+    """The contents of a finished export's marker (phase, step, final metrics)."""
+    return json.loads((Path(path) / DONE_FILE).read_text())

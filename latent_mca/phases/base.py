@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from latent_mca.checkpoint import PhaseExport, load_phase, save_phase
+from latent_mca.checkpoint import PhaseExport, load_phase, mark_complete, save_phase
 from latent_mca.models.backbone import Backbone, BackboneConfig
 
 BACKBONE_PREFIX = "backbone."
@@ -136,5 +136,7 @@ class PhaseModule(L.LightningModule):
 
         with gathered(self.export_targets()):
             if self.trainer.is_global_zero:
-                self.export(self.resolved_export_dir())
+                out = self.resolved_export_dir()
+                self.export(out)
+                mark_complete(out, self.phase, self.global_step, self.export_metrics())
         self.trainer.strategy.barrier("phase_export")
