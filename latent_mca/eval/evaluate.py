@@ -152,7 +152,7 @@ def evaluate(
     gen = Generator(agent, path, backbone, device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = name or Path(path.rstrip("/")).name
+    name = name or (Path(path).parent.name if Path(path).name == "export" else Path(path).name)
     rng = torch.Generator(device=gen.device).manual_seed(seed)
     results: dict[str, Any] = {"agent": name, "kind": agent, "path": path, "sampling": asdict(sampling)}
     for split, shards in splits.items():

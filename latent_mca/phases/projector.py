@@ -71,7 +71,7 @@ class ProjectorModule(PhaseModule):
         """One optimisation step."""
         terms = self.losses(batch)
         bs = batch.text.batch_size
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, batch_size=bs)
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
         return terms["loss"]
 
