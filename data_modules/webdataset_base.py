@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 Position = Callable[[], tuple[int, int]]
 
 
+def _single_threaded_worker(worker_id: int) -> None:
+    """Decode and collate with one intra-op thread per worker: N workers must not each claim every core."""
+    torch.set_num_threads(1)
+
+
 class SkipLedger:
     """Main-process totals of skipped samples, fed by the deltas that travel with every batch.
 
@@ -378,7 +383,8 @@ class StreamingDataModule(LightningDataModule):
                               self._ledger.max_names, shared_position=persistent)
         kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
         if self.num_workers > 0:
-            kwargs.update(persistent_workers=persistent, multiprocessing_context=self.multiprocessing_context)
+            kwargs.update(persistent_workers=persistent, multiprocessing_context=self.multiprocessing_context,
+                          worker_init_fn=_single_threaded_worker)
             if self.prefetch_factor is not None:
                 kwargs["prefetch_factor"] = self.prefetch_factor
         return StreamingLoader(dataset, per_worker * nw, self._ledger, position, kwargs)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-#: How many skipped step indices the guard remembers (the counts are always complete).
+#: How many of the most recent skipped step indices the guard remembers (the counts are always complete).
 MAX_REMEMBERED_STEPS = 1000
 
 
@@ -219,8 +219,7 @@ class NonFiniteGuard(Callback):
         self.total += 1
         self.consecutive += 1
         self.last_reason = reason
-        if len(self.skipped_steps) < MAX_REMEMBERED_STEPS:
-            self.skipped_steps.append(step)
+        self.skipped_steps = [*self.skipped_steps[-(MAX_REMEMBERED_STEPS - 1):], step]
         log.warning("NonFiniteGuard: skipped optimiser step %d (%s); %d skipped so far, %d in a row",
                     step, reason, self.total, self.consecutive)
         if self.consecutive > self.max_consecutive:

@@ -46,9 +46,11 @@ def _lightning_cli_class() -> type:
     class LatentMCACLI(LightningCLI):
         """LightningCLI with subclass mode, omegaconf interpolation and TensorBoard by default."""
 
-        @staticmethod
-        def subcommands() -> dict[str, set[str]]:
-            return LightningCLI.subcommands()
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            from latent_mca.callbacks import NonFiniteGuard
+
+            # Always on: a NaN/inf loss or gradient skips the step (counted), and too many stop the run.
+            parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
 
     return LatentMCACLI
 
