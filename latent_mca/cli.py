@@ -75,11 +75,16 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     Returns:
         The LightningCLI instance.
     """
+    import warnings
+
     import jsonargparse
     from lightning.pytorch import LightningDataModule, LightningModule
 
     jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     cls = _lightning_cli_class()
+    # sys.argv must stay intact (Lightning's DDP launcher re-executes it in the child processes), so
+    # LightningCLI's warning about receiving both `args` and a non-empty sys.argv is expected here.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within")
     return cls(
         LightningModule,
         LightningDataModule,
