@@ -36,10 +36,15 @@ class ProjectorConfig:
     Attributes:
         hidden_size: Backbone hidden size ``d``.
         bottleneck: Width of the MLPs' hidden layer. None: ``d // 2`` (the authors' choice).
+        residual: Predict the mean as ``x + MLP(x)`` with the MLP's last layer zero-initialised, so each
+            projector starts as the identity: text and image-text states of the same text token are close
+            (the image changes a few directions), and a from-scratch mean through a ``d/2`` bottleneck starts far
+            worse than the identity. False reproduces the authors' head exactly (``mu = MLP(x)``).
     """
 
     hidden_size: int
     bottleneck: int | None = None
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if self.bottleneck is None:
@@ -55,12 +60,17 @@ class GaussianHead(nn.Module):
     Args:
         hidden_size: Input and output width ``d``.
         bottleneck: Hidden width. None: ``d // 2``.
+        residual: Mean ``x + MLP(x)`` starting at the identity (see :class:`ProjectorConfig`).
     """
 
-    def __init__(self, hidden_size: int, bottleneck: int | None = None) -> None:
+    def __init__(self, hidden_size: int, bottleneck: int | None = None, residual: bool = False) -> None:
         super().__init__()
         width = bottleneck or max(1, hidden_size // 2)
+        self.residual = residual
         self.mu = nn.Sequential(nn.Linear(hidden_size, width), nn.Tanh(), nn.Linear(width, hidden_size))
+        if residual:
+            nn.init.zeros_(self.mu[-1].weight)
+            nn.init.zeros_(self.mu[-1].bias)
         # Bounding the log-variance to [-1, 1] keeps the NLL from collapsing the variance to zero.
         self.logvar = nn.Sequential(
             nn.Linear(hidden_size, width), nn.Tanh(), nn.Linear(width, hidden_size), nn.Tanh()
@@ -68,7 +78,8 @@ class GaussianHead(nn.Module):
 
     def forward(self, x: Tensor) -> Gaussian:
         """Map states ``(..., d)`` to a Gaussian ``(mu, logvar)``, each ``(..., d)``."""
-        return Gaussian(self.mu(x), self.logvar(x))
+        mu = x + self.mu(x) if self.residual else self.mu(x)
+        return Gaussian(mu, self.logvar(x))
 
 
 class CrossModalProjector(nn.Module):
@@ -81,8 +92,8 @@ class CrossModalProjector(nn.Module):
     def __init__(self, config: ProjectorConfig) -> None:
         super().__init__()
         self.config = config
-        self.forward_head = GaussianHead(config.hidden_size, config.bottleneck)
-        self.backward_head = GaussianHead(config.hidden_size, config.bottleneck)
+        self.forward_head = GaussianHead(config.hidden_size, config.bottleneck, config.residual)
+        self.backward_head = GaussianHead(config.hidden_size, config.bottleneck, config.residual)
 
     def t2vt(self, e_text: Tensor) -> Gaussian:
         """P: text-only states ``(..., d)`` to a Gaussian over image-text states."""

@@ -28,6 +28,7 @@ class ProjectorModule(PhaseModule):
     Args:
         backbone: The frozen VLM backbone.
         bottleneck: Width of the projector MLPs' middle layer (None: ``d // 2``, the paper's shape).
+        residual: Residual means starting at the identity (False: the authors' head, ``mu = MLP(x)``).
         optimizer: Optimiser factory.
         lr_scheduler: Optional scheduler factory.
         init_from: A previous export holding a projector to continue from (optional).
@@ -36,12 +37,13 @@ class ProjectorModule(PhaseModule):
 
     phase = "projector"
 
-    def __init__(self, backbone: BackboneConfig, bottleneck: int | None = None,
+    def __init__(self, backbone: BackboneConfig, bottleneck: int | None = None, residual: bool = True,
                  optimizer: OptimizerCallable = torch.optim.AdamW, lr_scheduler: LRSchedulerCallable | None = None,
                  init_from: str | None = None, export_dir: str | None = None) -> None:
         super().__init__(backbone, optimizer, lr_scheduler, init_from, export_dir)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.bottleneck = bottleneck
+        self.residual = residual
         self.projector: CrossModalProjector | None = None
 
     def build_modules(self) -> None:
@@ -49,7 +51,8 @@ class ProjectorModule(PhaseModule):
         if self.parent is not None and self.parent.has("projector"):
             self.projector = self.parent.build("projector", ProjectorConfig, CrossModalProjector)
         else:
-            self.projector = CrossModalProjector(ProjectorConfig(self.backbone.hidden_size, self.bottleneck))
+            self.projector = CrossModalProjector(ProjectorConfig(self.backbone.hidden_size, self.bottleneck,
+                                                                        self.residual))
 
     def export_modules(self) -> dict[str, tuple[nn.Module, Any]]:
         """The projector."""

@@ -63,10 +63,13 @@ def test_nll_detaches_the_target_and_handles_an_empty_mask():
         gaussian_nll(mu, torch.zeros(2, 3, D), target, torch.ones(2, 4))
 
 
-def test_fitting_a_linear_map_lowers_the_nll():
+@pytest.mark.parametrize("residual", [False, True], ids=["authors_head", "residual_head"])
+def test_fitting_a_linear_map_lowers_the_nll(residual):
     torch.manual_seed(0)
-    proj = make()
+    proj = CrossModalProjector(ProjectorConfig(hidden_size=D, residual=residual))
     weight = torch.randn(D, D) / D**0.5
+    if residual:  # image-text states = text states plus a correction, the case the residual head is for
+        weight = torch.eye(D) + 0.5 * weight
     opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
@@ -79,3 +82,11 @@ def test_fitting_a_linear_map_lowers_the_nll():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_residual_projector_starts_as_the_identity():
+    proj = CrossModalProjector(ProjectorConfig(hidden_size=D))
+    x = torch.randn(3, 5, D)
+    assert torch.equal(proj.t2vt(x).mu, x) and torch.equal(proj.vt2t(x).mu, x)
+    authors = CrossModalProjector(ProjectorConfig(hidden_size=D, residual=False))
+    assert not torch.allclose(authors.t2vt(x).mu, x)
