@@ -111,6 +111,9 @@ def run_command(name: str, args: Sequence[str]) -> Any:
     from jsonargparse import auto_cli
 
     func = resolve_command(name)
+    args = list(args)
+    if name == "bench" and args and not args[0].startswith("-"):
+        args = ["--name", args[0], *args[1:]]  # `bench decode` reads better than `bench --name decode`
     return auto_cli(func, args=list(args), as_positional=False, parser_mode="omegaconf",
                     prog=f"python -m latent_mca {name}")
 

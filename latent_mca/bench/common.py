@@ -299,6 +299,8 @@ def environment() -> dict[str, Any]:
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
         "git_commit": commit, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # Other processes on a shared machine slow both sides unevenly; the load says how much to trust a run.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
