@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack-text": ("latent_mca.importers.pack:pack_text", "tokenise and pack text-only corpora into token blocks"),
     "pipeline": ("latent_mca.pipeline:pipeline", "run the whole method end to end (the main job)"),
     "evaluate": ("latent_mca.eval.evaluate:evaluate", "judge-score ratio and diversity of an agent on test splits"),
+    "results": ("latent_mca.eval.results:results", "the paper's table on the embedded world over several seeds"),
     "inspect-codebook": ("latent_mca.eval.codebook_report:inspect_codebook", "make the latent codes readable"),
     "bench": ("latent_mca.bench:bench", "benchmarks, measured as ratios against a baseline"),
 }

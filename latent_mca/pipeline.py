@@ -20,6 +20,7 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +31,9 @@ from typing import Any, Literal
 from latent_mca.checkpoint import completion_info, is_complete
 from latent_mca.eval.evaluate import Sampling, evaluate, results_markdown
 from latent_mca.eval.records import markdown_table
+from latent_mca.models.tiny import TinyBackboneSpec
 from latent_mca.rl.rewards.base import PairwiseJudge
+from latent_mca.world.spec import WorldSpec
 
 RUN_DIR_ENV = "LATENT_MCA_RUN_DIR"
 PHASE_ENV = "LATENT_MCA_PHASE"
@@ -67,53 +70,25 @@ class AgentSpec:
     path: str
 
 
-@dataclass
-class WorldArgs:
-    """Sizes of the synthetic world (see :class:`latent_mca.world.WorldSpec`)."""
-
-    num_paired: int = 2000
-    num_text_only: int = 4000
-    num_dialogue_train: int = 1000
-    num_test_id: int = 64
-    num_test_ood: int = 64
-    samples_per_shard: int = 250
-    image_size: int = 84
-    num_characters: int = 12
-
-
-@dataclass
-class BackboneArgs:
-    """Sizes of the tiny backbone (see :class:`latent_mca.models.tiny.TinyBackboneSpec`)."""
-
-    vocab_size: int = 1024
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    vision_depth: int = 2
-    vision_hidden_size: int = 64
-
-
-def _prepare_world(run: Path, seed: int, world: WorldArgs) -> None:
-    from latent_mca.world import WorldSpec, generate_world
+def _prepare_world(run: Path, seed: int, world: WorldSpec) -> None:
+    from latent_mca.world import generate_world
 
     if (run / "world" / "world.json").exists():
         print(f"[pipeline] world: exists, skipped ({run / 'world'})")
         return
     print("[pipeline] world: generating")
-    generate_world(run / "world", WorldSpec(**vars(world)), seed=seed, overwrite=True)
+    generate_world(run / "world", world, seed=seed, overwrite=True)
 
 
-def _prepare_backbone(run: Path, seed: int, world: WorldArgs, backbone: BackboneArgs) -> None:
-    from latent_mca.models.tiny import TinyBackboneSpec, build_tiny_backbone
+def _prepare_backbone(run: Path, seed: int, world: WorldSpec, backbone: TinyBackboneSpec) -> None:
+    from latent_mca.models.tiny import build_tiny_backbone
 
     if (run / "backbone" / "config.json").exists():
         print(f"[pipeline] backbone: exists, skipped ({run / 'backbone'})")
         return
     print("[pipeline] backbone: building the tiny Qwen2.5-VL")
     corpus = (run / "world" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    spec = TinyBackboneSpec(image_size=world.image_size, **vars(backbone))
+    spec = dataclasses.replace(backbone, image_size=world.image_size)  # the processor must match the world
     build_tiny_backbone(run / "backbone", [c for c in corpus if c.strip()], spec, seed=seed)
 
 
@@ -148,8 +123,8 @@ def _run_phase(run: Path, phase: PhaseSpec, seed: int, force: bool) -> dict[str,
 def pipeline(
     run_dir: str = "runs/demo",
     seed: int = 0,
-    world: WorldArgs | None = None,
-    backbone: BackboneArgs | None = None,
+    world: WorldSpec | None = None,
+    backbone: TinyBackboneSpec | None = None,
     phases: list[PhaseSpec] | None = None,
     agents: list[AgentSpec] | None = None,
     eval_splits: dict[str, str] | None = None,
@@ -165,7 +140,7 @@ def pipeline(
         run_dir: Everything goes under this directory (also exported to phase YAMLs as ``LATENT_MCA_RUN_DIR``).
         seed: Seed of the world, the backbone initialisation and every phase.
         world: Synthetic world sizes.
-        backbone: Tiny backbone sizes.
+        backbone: Tiny backbone sizes (its image size follows the world's).
         phases: The phases, in order.
         agents: Agents to evaluate after training.
         eval_splits: Split name -> dialogue shards, relative to the run directory.
@@ -181,7 +156,7 @@ def pipeline(
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run)
-    world, backbone = world or WorldArgs(), backbone or BackboneArgs()
+    world, backbone = world or WorldSpec(), backbone or TinyBackboneSpec()
     forced = set(force or [])
     started = time.perf_counter()
     _prepare_world(run, seed, world)

@@ -1,0 +1,164 @@
+"""``python -m latent_mca results``: the paper's table on the embedded world, over several seeds, with plots.
+
+Runs the pipeline config once per seed (each seed in its own run directory, re-runs skip finished work), then
+aggregates every agent's judge score ratio and diversity over the seeds (mean ± std across seeds of each
+seed's mean over generations), and draws reward curves (``train/reward`` of every RL phase), code usage of the
+latent agents and a diversity comparison. Writes ``<out>/results.md``, ``results.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from latent_mca.eval.records import fmt_mean_std, markdown_table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows per agent: ratio and diversity per split, mean ± std over seeds."""
+    agents: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for summary in per_seed.values():
+        for res in summary["eval"]:
+            slot = agents.setdefault(res["agent"], {})
+            for split, block in res.items():
+                if isinstance(block, dict) and "ratio" in block:
+                    s = slot.setdefault(split, {"ratio": [], "diversity": [], "distinct_2": []})
+                    s["ratio"].append(block["ratio"]["mean"])
+                    s["diversity"].append(block["diversity"]["semantic_diversity"])
+                    s["distinct_2"].append(block["diversity"]["distinct_2"])
+    rows = []
+    for agent, splits in agents.items():
+        row: dict[str, Any] = {"agent": agent, "seeds": max(len(v["ratio"]) for v in splits.values())}
+        for split, vals in sorted(splits.items()):
+            for metric, values in vals.items():
+                row[f"{split}/{metric}"] = _mean_std(values)
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict[str, Any]], metric: str) -> str:
+    splits = sorted({k.split("/")[0] for r in rows for k in r if k.endswith(f"/{metric}")})
+    out = []
+    for r in rows:
+        line = {"agent": r["agent"], "seeds": r["seeds"]}
+        for s in splits:
+            mean, std = r.get(f"{s}/{metric}", (math.nan, math.nan))
+            line[s] = fmt_mean_std(mean, std)
+        if metric == "ratio" and len(splits) > 1:
+            means = [r[f"{s}/{metric}"][0] for s in splits if f"{s}/{metric}" in r]
+            line["average"] = f"{statistics.fmean(means):.3f}"
+        out.append(line)
+    cols = ["agent", "seeds"] + splits + (["average"] if metric == "ratio" and len(splits) > 1 else [])
+    return markdown_table(out, cols)
+
+
+def _scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    versions = sorted(log_dir.glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
+    points: dict[int, float] = {}
+    for version in versions:  # later versions (resumed runs) overwrite earlier steps
+        ea = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        ea.Reload()
+        if tag in ea.Tags().get("scalars", []):
+            points.update({e.step: e.value for e in ea.Scalars(tag)})
+    return sorted(points.items())
+
+
+def plot_curves(runs: dict[int, Path], phases: list[str], tag: str, path: Path, title: str) -> None:
+    """Mean over seeds of a logged scalar, one line per phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for phase in phases:
+        curves = [dict(_scalars(run / "logs" / phase, tag)) for run in runs.values()]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], label=phase)
+    ax.set_xlabel("step")
+    ax.set_ylabel(tag)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+    """Grouped bars per agent and split (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({k.split("/")[0] for r in rows for k in r if k.endswith(f"/{metric}")})
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.1), 4))
+    width = 0.8 / max(1, len(splits))
+    for i, split in enumerate(splits):
+        means = [r.get(f"{split}/{metric}", (math.nan, math.nan))[0] for r in rows]
+        stds = [r.get(f"{split}/{metric}", (math.nan, math.nan))[1] for r in rows]
+        stds = [0 if math.isnan(s) else s for s in stds]
+        ax.bar([j + i * width for j in range(len(rows))], means, width, yerr=stds, label=split)
+    ax.set_xticks([j + width * (len(splits) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r["agent"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None = None, root: str = "runs/results",
+            out: str = "docs/results") -> dict[str, Any]:
+    """Run the pipeline for every seed and write the aggregated table and plots.
+
+    Args:
+        config: A pipeline config (phases, agents, splits) including the ablation phases.
+        seeds: Seeds to run (default 0, 1, 2).
+        root: Runs go to ``<root>/seed<N>`` (re-runs skip finished phases).
+        out: Directory for ``results.md``, ``results.json`` and the plots.
+
+    Returns:
+        The aggregated rows.
+    """
+    from latent_mca.cli import run_command
+
+    seeds = seeds if seeds is not None else [0, 1, 2]
+    runs = {s: Path(root) / f"seed{s}" for s in seeds}
+    per_seed = {}
+    for seed, run in runs.items():
+        per_seed[seed] = run_command("pipeline", ["--config", config, "--seed", str(seed), "--run_dir", str(run)])
+    rows = aggregate(per_seed)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rl_phases = sorted({p for s in per_seed.values() for p in s["phases"] if "rl" in p})
+    latent_phases = [p for p in rl_phases if p.startswith("latent")]
+    plot_curves(runs, rl_phases, "train/reward", out_dir / "reward_curves.png", "train/reward (mean over seeds)")
+    plot_curves(runs, latent_phases, "train/codes_used", out_dir / "codes_used.png",
+                "codes in use during latent RL rollouts")
+    plot_bars(rows, "ratio", out_dir / "ratio.png", "judge score ratio (mean ± std over seeds)")
+    plot_bars(rows, "diversity", out_dir / "diversity.png", "rollout semantic diversity (TF-IDF encoder)")
+    text = "\n".join([
+        f"## Judge score ratio ({len(seeds)} seeds: mean ± std over seeds)", "", _table(rows, "ratio"), "",
+        "## Rollout semantic diversity (1 + mean pairwise cosine distance, TF-IDF encoder)", "",
+        _table(rows, "diversity"), "", "## distinct-2", "", _table(rows, "distinct_2"), "",
+        "Plots: reward_curves.png, codes_used.png, ratio.png, diversity.png", ""])
+    (out_dir / "results.md").write_text(text)
+    (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2, default=str))
+    print(text)
+    return {"rows": rows}
