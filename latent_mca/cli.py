@@ -86,6 +86,10 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     # sys.argv must stay intact (Lightning's DDP launcher re-executes it in the child processes), so
     # LightningCLI's warning about receiving both `args` and a non-empty sys.argv is expected here.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within")
+    # Frozen modules (backbone, world model, ...) are in eval mode on purpose; phases keep them there.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # Raised inside Lightning 2.6's pytree helper with torch >= 2.10; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     return cls(
         LightningModule,
         LightningDataModule,

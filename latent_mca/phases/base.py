@@ -128,7 +128,7 @@ class PhaseModule(L.LightningModule):
     def export(self, out_dir: Path) -> None:
         """Write this phase's export on rank 0 with full parameters (backbone-training phases override it)."""
         save_phase(out_dir, self.phase, self.export_modules(), self.backbone, metrics=self.export_metrics(),
-                   parent=self.parent)
+                   parent=self.parent, extra=dict(self.parent.extra) if self.parent is not None else None)
 
     def on_fit_end(self) -> None:
         """Write this phase's export (rank 0; ZeRO-3 parameters gathered on every rank first)."""

@@ -95,6 +95,13 @@ class BCModule(PhaseModule):
         """Every latent module, the trained policy included."""
         return {name: (getattr(self, name), getattr(self, name).config) for name in (*FROZEN, "policy")}
 
+    def export(self, out_dir: Any) -> None:
+        """Write the export, keeping the inverse phase's ``use_projector`` for later readers."""
+        from latent_mca.checkpoint import save_phase
+
+        save_phase(out_dir, self.phase, self.export_modules(), self.backbone, metrics=self.export_metrics(),
+                   parent=self.parent, extra={"use_projector": self.use_projector})
+
     def _view(self, states: Tensor, inputs: ChatInputs) -> dict[str, Tensor]:
         with torch.no_grad():
             inv = self.inverse(states, inputs.attention_mask)

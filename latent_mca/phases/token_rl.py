@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class TokenRLModule(PhaseModule):
         """Keep a frozen reference unless LoRA can simply switch its adapters off."""
         if self.rl.beta > 0 and self.backbone_config.trainable != "lora":
             ref = copy.deepcopy(self.backbone)
-            ref.config = copy.replace(ref.config, trainable="none") if hasattr(copy, "replace") else ref.config
+            ref.config = dataclasses.replace(ref.config, trainable="none")  # Backbone.train() keeps it in eval
             self.ref_backbone = ref.requires_grad_(False).eval()
 
     def export_targets(self) -> list[nn.Module]:
