@@ -24,7 +24,8 @@ def test_sft_exports_a_loadable_fine_tuned_checkpoint(sft_run):
     assert tuned_params.keys() == base_params.keys()
     moved = {n for n in base_params if not torch.equal(base_params[n], tuned_params[n])}
     text = {n for n in base_params if ".language_model." in n}
-    assert text and moved == text, "SFT trains the language model (train_vision is off in the demo)"
+    vision = {n for n in base_params if ".visual." in n}
+    assert text and vision and moved == text | vision, "the demo SFT trains the language model and vision tower"
     assert tuned.processor.tokenizer.get_vocab() == base.processor.tokenizer.get_vocab()
 
 
