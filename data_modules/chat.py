@@ -101,6 +101,18 @@ class ChatCodec:
             self._encoder = ChatEncoder(processor, special, self.max_length, self.assistant_only)
         return self._encoder
 
+    def load(self) -> None:
+        """Load the processor now (in the main process) so a bad path fails at setup, naming it.
+
+        Raises:
+            FileNotFoundError: If the processor cannot be loaded from ``processor``.
+        """
+        try:
+            self.encoder
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(
+                f"data.init_args.processor={self.processor_path!r} cannot be loaded as a processor: {exc}") from exc
+
     # ------------------------------------------------------------------ items
     def paired(self, key: str, messages: list[dict[str, Any]], image: Any) -> PairedItem:
         """Encode both views of an image-text conversation."""

@@ -41,6 +41,10 @@ class DialogueDataModule(StreamingDataModule):
         self.codec = ChatCodec(processor, max_length, assistant_only)
         self.with_reference = with_reference
 
+    def check_inputs(self) -> None:
+        """Load the processor at setup: a bad ``processor`` path fails here, not in every worker."""
+        self.codec.load()
+
     def decode_item(self, sample: dict[str, Any]) -> DialogueItem:
         """Image (optional) + context + reference -> encoded prompt (and full conversation)."""
         meta = self.sample_json(sample)

@@ -50,6 +50,10 @@ class MixedDataModule(StreamingDataModule):
                          seed=seed)
         self.codec = ChatCodec(processor, max_length, assistant_only)
 
+    def check_inputs(self) -> None:
+        """Load the processor at setup: a bad ``processor`` path fails here, not in every worker."""
+        self.codec.load()
+
     def decode_item(self, sample: dict[str, Any]) -> PairedItem | TextItem:
         """Decode by source: paired samples get both views, text-only samples one."""
         messages = check_messages(self.sample_json(sample).get("messages"))

@@ -36,6 +36,10 @@ class PairedImageTextDataModule(StreamingDataModule):
             num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed)
         self.codec = ChatCodec(processor, max_length, assistant_only)
 
+    def check_inputs(self) -> None:
+        """Load the processor at setup: a bad ``processor`` path fails here, not in every worker."""
+        self.codec.load()
+
     def decode_item(self, sample: dict[str, Any]) -> PairedItem:
         """Image + messages -> both encoded views."""
         meta = self.sample_json(sample)

@@ -36,6 +36,10 @@ class TextOnlyDataModule(StreamingDataModule):
             num_workers=num_workers, shuffle_buffer=shuffle_buffer, seed=seed)
         self.codec = ChatCodec(processor, max_length, assistant_only)
 
+    def check_inputs(self) -> None:
+        """Load the processor at setup: a bad ``processor`` path fails here, not in every worker."""
+        self.codec.load()
+
     def decode_item(self, sample: dict[str, Any]) -> TextItem:
         """Messages -> encoded conversation."""
         return self.codec.text(sample["__key__"], check_messages(self.sample_json(sample).get("messages")))

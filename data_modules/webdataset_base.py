@@ -279,8 +279,12 @@ class StreamingDataModule(LightningDataModule):
             raise SampleError("bad_image", f".{ext} does not decode: {exc}") from exc
 
     # ----------------------------------------------------------------- Lightning hooks
+    def check_inputs(self) -> None:
+        """Validate anything besides shards a subclass needs (e.g. load its processor) so it fails at setup."""
+
     def setup(self, stage: str) -> None:
         """List and count the shards of the splits ``stage`` needs; attach the skip logger."""
+        self.check_inputs()
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
         for split in splits:
             self.resolve(split)
@@ -381,7 +385,10 @@ class StreamingDataModule(LightningDataModule):
         dataset = SlotDataset(split, sources, self, rank, world_size, self.num_workers, self.seed,
                               self.shuffle_buffer if split == "train" else 0, per_worker, self.error_log_every,
                               self._ledger.max_names, shared_position=persistent)
-        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        # A generator of its own: creating the loader's iterator must not draw from the global torch RNG, which
+        # the phases sample from (a draw there would shift their noise, e.g. across epoch boundaries on resume).
+        kwargs: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                                  "generator": torch.Generator().manual_seed(self.seed)}
         if self.num_workers > 0:
             kwargs.update(persistent_workers=persistent, multiprocessing_context=self.multiprocessing_context,
                           worker_init_fn=_single_threaded_worker)

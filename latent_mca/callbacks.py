@@ -245,3 +245,54 @@ def _deepspeed_engine(trainer: Trainer) -> Any:
 def _grad_scaler_active(trainer: Trainer) -> bool:
     """Whether a GradScaler (``16-mixed``) owns overflow handling."""
     return getattr(trainer.precision_plugin, "scaler", None) is not None
+
+
+class RNGStateCheckpoint(Callback):
+    """Carry the random number generators through checkpoints, so a resumed run draws what the original would.
+
+    Lightning checkpoints hold no RNG state. Phases that sample (Gumbel codes in inverse dynamics, rollouts in
+    RL) would otherwise draw different noise after a resume and end on different weights even though the data
+    resume exactly. The state (torch CPU and CUDA, Python ``random``, NumPy) is saved with every checkpoint and
+    restored at the first training batch after loading, i.e. after everything that draws while a run starts
+    up (model building, loader creation), where the uninterrupted run stood. Each rank saves and restores its
+    own state.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators' states at checkpoint time."""
+        import random
+
+        import numpy as np
+
+        # Only tensors and plain Python values: Lightning loads checkpoints with torch.load(weights_only=True).
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the states; they are applied when training resumes."""
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Restore the checkpointed states once, before the first resumed step."""
+        if self._pending is None:
+            return
+        import random
+
+        import numpy as np
+
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

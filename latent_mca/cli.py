@@ -48,10 +48,12 @@ def _lightning_cli_class() -> type:
         """LightningCLI with subclass mode, omegaconf interpolation and TensorBoard by default."""
 
         def add_arguments_to_parser(self, parser: Any) -> None:
-            from latent_mca.callbacks import NonFiniteGuard
+            from latent_mca.callbacks import NonFiniteGuard, RNGStateCheckpoint
 
             # Always on: a NaN/inf loss or gradient skips the step (counted), and too many stop the run.
             parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+            # Always on: checkpoints carry the RNG states, so a resumed run reaches the same weights.
+            parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
 
     return LatentMCACLI
 

@@ -51,8 +51,8 @@ class ProjectorModule(PhaseModule):
         if self.parent is not None and self.parent.has("projector"):
             self.projector = self.parent.build("projector", ProjectorConfig, CrossModalProjector)
         else:
-            self.projector = CrossModalProjector(ProjectorConfig(self.backbone.hidden_size, self.bottleneck,
-                                                                        self.residual))
+            config = ProjectorConfig(self.backbone.hidden_size, self.bottleneck, self.residual)
+            self.projector = CrossModalProjector(config)
 
     def export_modules(self) -> dict[str, tuple[nn.Module, Any]]:
         """The projector."""

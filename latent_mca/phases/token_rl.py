@@ -26,9 +26,15 @@ from latent_mca.batch import ChatInputs, DialogueBatch
 from latent_mca.models import Backbone, BackboneConfig, processed_logprobs
 from latent_mca.phases.base import PhaseModule
 from latent_mca.rl.advantages import completion_mask_from_eos
-from latent_mca.rl.losses import policy_loss
 from latent_mca.rl.rewards.base import RewardFunction
-from latent_mca.rl.update import RLConfig, decode_completions, prepare_advantages, score_rollouts
+from latent_mca.rl.update import (
+    RLConfig,
+    decode_completions,
+    log_step,
+    optimise,
+    prepare_advantages,
+    score_rollouts,
+)
 
 LOGP_FLOOR = -30.0
 
@@ -126,26 +132,9 @@ class TokenRLModule(PhaseModule):
             if cfg.beta > 0:
                 with self.reference() as reference:
                     ref = self.token_logp(reference, full, p, completion)
-        tokens = self.trainer.strategy.reduce(loss_mask.sum().float(), reduce_op="sum")
-        opt = self.optimizers()
-        stats: dict[str, Tensor] = {}
-        for _ in range(cfg.num_iterations):
-            logp = self.token_logp(self.backbone, full, p, completion)
-            loss, stats = policy_loss(
-                logp, old, ref, adv.advantages, loss_mask, algorithm=cfg.algorithm, epsilon_low=cfg.epsilon_low,
-                epsilon_high=cfg.epsilon_high, beta=cfg.beta, max_completion_length=cfg.max_new_tokens,
-                num_items_in_batch=tokens, world_size=self.trainer.world_size)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        bs = len(texts)
-        self.log("train/loss", loss.detach(), batch_size=bs)
-        self.log("train/reward", adv.stats["reward"], prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in adv.stats.items() if k != "reward"}, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=bs)
+        loss, stats = optimise(self, lambda: self.token_logp(self.backbone, full, p, completion), old, ref, adv,
+                               loss_mask, cfg)
+        log_step(self, loss, adv, stats, self.reward, len(texts))
 
     def _gather(self, values: Tensor) -> Tensor:
         return self.all_gather(values).reshape(-1) if self.trainer.world_size > 1 else values

@@ -167,3 +167,59 @@ def decode_completions(tokenizer: Any, tokens: Tensor, mask: Tensor) -> list[str
     """Completion texts (special tokens dropped) from padded token ids and their mask."""
     rows = [t[m.bool()].tolist() for t, m in zip(tokens.cpu(), mask.cpu())]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def optimise(module: Any, logp_fn: Callable[[], Tensor], old: Tensor | None, ref: Tensor | None, adv: Advantages,
+             mask: Tensor, cfg: RLConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run ``cfg.num_iterations`` manual optimiser steps of the clipped policy loss on one rollout batch.
+
+    Args:
+        module: The LightningModule (manual optimisation).
+        logp_fn: Recomputes the actions' log-probabilities ``(N, T)`` under the current policy, with gradients.
+        old: Log-probabilities at rollout time (None: on-policy, the first recomputation is used).
+        ref: Reference log-probabilities for the KL term (None: no KL).
+        adv: Advantages and the rows that count.
+        mask: Action mask ``(N, T)`` (rows outside ``adv.row_mask`` already zeroed).
+        cfg: RL settings.
+
+    Returns:
+        The last loss and its statistics.
+    """
+    from latent_mca.rl.losses import policy_loss
+
+    tokens = module.trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
+    opt = module.optimizers()
+    loss, stats = torch.zeros((), device=mask.device), {}
+    for _ in range(cfg.num_iterations):
+        opt.zero_grad(set_to_none=True)
+        if float(tokens) == 0:
+            # Nothing scored on any rank (e.g. a judge outage): take an empty step so the step count (and the
+            # data position derived from it) advances, without moving the weights (AdamW would still decay them).
+            opt.step()
+            continue
+        logp = logp_fn()
+        loss, stats = policy_loss(
+            logp, old, ref, adv.advantages, mask, algorithm=cfg.algorithm, epsilon_low=cfg.epsilon_low,
+            epsilon_high=cfg.epsilon_high, beta=cfg.beta, max_completion_length=cfg.max_new_tokens,
+            num_items_in_batch=tokens, world_size=module.trainer.world_size)
+        module.manual_backward(loss)
+        opt.step()
+    scheduler = module.lr_schedulers()
+    if scheduler is not None:
+        scheduler.step()
+    stats = dict(stats)
+    stats["empty_step"] = torch.tensor(float(float(tokens) == 0))
+    return loss, stats
+
+
+def log_step(module: Any, loss: Tensor, adv: Advantages, stats: dict[str, Tensor], reward: Any,
+             rows: int) -> None:
+    """Log an RL step: loss, reward statistics, loss statistics and the reward function's own counters."""
+    module.log("train/loss", loss.detach(), batch_size=rows)
+    module.log("train/reward", adv.stats["reward"], prog_bar=True, batch_size=rows)
+    module.log_dict({f"train/{k}": v for k, v in adv.stats.items() if k != "reward"}, batch_size=rows)
+    module.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=rows)
+    counters = reward.stats() if hasattr(reward, "stats") else {}
+    numeric = {f"reward/{k}": float(v) for k, v in counters.items() if isinstance(v, int | float)}
+    if numeric:  # judge failures, retries, breaker trips... visible next to the reward they explain
+        module.log_dict(numeric, batch_size=rows)
