@@ -63,11 +63,13 @@ class AgentSpec:
         name: Row name in the results table.
         kind: ``token`` (a Hugging Face checkpoint) or ``latent`` (a phase export with a policy).
         path: Its directory, relative to the run directory.
+        sampling: Evaluation sampling for this agent (None: the pipeline's ``eval_sampling``).
     """
 
     name: str
     kind: Literal["token", "latent"]
     path: str
+    sampling: Sampling | None = None
 
 
 def _prepare_world(run: Path, seed: int, world: WorldSpec) -> None:
@@ -188,7 +190,7 @@ def _evaluate_agent(run: Path, agent: AgentSpec, splits: dict[str, str], judge: 
         print(f"[pipeline] evaluate {agent.name}: done before, skipped")
         return json.loads((out / "results.json").read_text())
     print(f"[pipeline] evaluate {agent.name} ({agent.kind}: {agent.path})")
-    return evaluate(agent.kind, str(run / agent.path), splits, judge, str(out), sampling=sampling,
+    return evaluate(agent.kind, str(run / agent.path), splits, judge, str(out), sampling=agent.sampling or sampling,
                     max_prompts=max_prompts, seed=seed, name=agent.name)
 
 
