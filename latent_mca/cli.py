@@ -90,6 +90,8 @@ def lightning_main(args: Sequence[str] | None = None, run: bool = True) -> Any:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within")
     # Frozen modules (backbone, world model, ...) are in eval mode on purpose; phases keep them there.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # RL phases optimise manually; their checkpoints are meant to hold the state after each update.
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # Raised inside Lightning 2.6's pytree helper with torch >= 2.10; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     return cls(
