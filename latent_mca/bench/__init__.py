@@ -9,11 +9,16 @@ name          ours                                              baseline
 ``rollout``   latent rollout, G samples per prompt              HF ``generate``, sampling, G sequences
 ``rl-step``   latent RL update (policy over recorded states)    token RL update (backbone forward + backward)
 ``stage1``    inverse-dynamics training step                    frozen backbone forwards over the same batch
+``loader``    one loader worker producing a batch (paired,      one training step consuming it (projector,
+              mixed): records ``loader-paired``/``-mixed``      inverse dynamics)
+``memory``    peak resident memory of one training step per     (none: a table per phase, each phase in a
+              demo phase                                        fresh process)
 ============  ================================================  ==============================================
 
 Each prints a Markdown table (median seconds, tokens/s, ratio, target, pass/miss) and writes
-``<out>/<name>.json`` with every raw timing, the sizes, peak memory and the machine (see
-:mod:`latent_mca.bench.common` for how time and memory are measured). Timings are never asserted in tests.
+``<out>/<record>.json`` with every raw timing, the sizes, peak memory and the machine (see
+:mod:`latent_mca.bench.common` for how time and memory are measured). ``loader`` writes two records,
+``memory`` a table of phases (:mod:`latent_mca.bench.memory`). Timings are never asserted in tests.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ BENCHMARKS: dict[str, str] = {
     "rollout": "latent_mca.bench.decode:bench_rollout",
     "rl-step": "latent_mca.bench.rl_step:bench_rl_step",
     "stage1": "latent_mca.bench.stage1:bench_stage1",
+    "loader": "latent_mca.bench.loader:bench_loader",
+    "memory": "latent_mca.bench.memory:bench_memory",
 }
 
 
@@ -64,7 +71,8 @@ def bench(name: str = "all", out: str = "bench_results", repeats: int = 5, warmu
     """Run benchmarks, print a table per benchmark and write ``<out>/<name>.json``.
 
     Args:
-        name: ``decode``, ``rollout``, ``rl-step``, ``stage1``, a comma-separated list, or ``all``.
+        name: ``decode``, ``rollout``, ``rl-step``, ``stage1``, ``loader``, ``memory``, a comma-separated list,
+            or ``all``.
         out: Output directory of the JSON results.
         repeats: Timed calls per side (the median is reported).
         warmup: Untimed calls per side before timing.
@@ -85,7 +93,8 @@ def bench(name: str = "all", out: str = "bench_results", repeats: int = 5, warmu
         seed: Seed of the backbone weights, prompts, latent modules and sampling.
 
     Returns:
-        Benchmark name -> result record (as written to JSON).
+        Record name -> result record (as written to JSON); ``loader`` gives ``loader-paired`` and
+        ``loader-mixed``.
     """
     import torch
 
@@ -111,10 +120,11 @@ def bench(name: str = "all", out: str = "bench_results", repeats: int = 5, warmu
     results: dict[str, Any] = {}
     for bench_name in names:
         module, _, func = BENCHMARKS[bench_name].partition(":")
-        result = getattr(importlib.import_module(module), func)(ctx)
-        result["environment"] = env
-        written = write_result(out_dir, result)
-        print(format_result(result))
-        print(f"written to {written}\n", flush=True)
-        results[bench_name] = result
+        returned = getattr(importlib.import_module(module), func)(ctx)
+        for result in returned if isinstance(returned, list) else [returned]:
+            result["environment"] = env
+            written = write_result(out_dir, result)
+            print(format_result(result))
+            print(f"written to {written}\n", flush=True)
+            results[result["benchmark"]] = result
     return results

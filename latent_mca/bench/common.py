@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,28 +124,6 @@ def latent_agent(backbone: Backbone, sizes: BenchSizes, seed: int) -> LatentAgen
     codebook = Codebook(CodebookConfig(d, num_codes=sizes.num_codes))
     world = WorldModel(WorldModelConfig(d, num_blocks=sizes.merge_blocks))
     return LatentAgent(backbone, policy, codebook, world).eval()
-
-
-@contextlib.contextmanager
-def eos_unreachable(*backbones: Backbone) -> Iterator[None]:
-    """Make every reply exactly ``max_new_tokens`` long, in the latent agent and in HF ``generate`` alike.
-
-    Both decoders suppress the image-segment tokens (a reply never contains one), so declaring the image
-    placeholder the only end-of-turn id makes the end unreachable without touching either decoding loop.
-    """
-    saved = []
-    for backbone in backbones:
-        special = backbone.special_tokens
-        if not special.image_segment_ids:
-            raise ValueError("cannot force a fixed reply length: the backbone has no image-segment token to "
-                             "stand in for the end-of-turn token")
-        saved.append((backbone, special))
-        backbone._special = dataclasses.replace(special, eos_token_ids=(special.image_segment_ids[0],))
-    try:
-        yield
-    finally:
-        for backbone, special in saved:
-            backbone._special = special
 
 
 def check_length(kind: str, length: int, expected: int) -> None:
@@ -351,6 +329,10 @@ def format_result(result: dict[str, Any]) -> str:
     """A Markdown table of one result: both sides, then the ratio with its target and verdict."""
     from latent_mca.eval.records import markdown_table
 
+    if result.get("kind") == "memory":
+        from latent_mca.bench.memory import format_memory
+
+        return format_memory(result)
     target = result["target"]
     verdict = "-" if result["passed"] is None else ("pass" if result["passed"] else "miss")
     rows = [{"run": f"{k}: {result[k]['label']}", "median_s": result[k]["median_s"], "min_s": result[k]["min_s"],

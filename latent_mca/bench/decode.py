@@ -8,8 +8,9 @@ step); the baseline is :meth:`Backbone.generate` (transformers' ``generate`` wit
 from one prefill per prompt; the baseline samples tokens with ``num_return_sequences=G``.
 
 Both sides include the prefill (vision tower and prompt) and produce exactly ``new_tokens`` tokens per
-reply: the end-of-turn token is made unreachable (:func:`~latent_mca.bench.common.eos_unreachable`), and
-every call checks the length it got.
+reply: both are asked for ``min_new_tokens = max_new_tokens`` (end-of-turn ids suppressed until then, the
+public option of :class:`~latent_mca.models.agent.SamplingConfig` and :meth:`Backbone.generate`, which is
+transformers' ``min_new_tokens``), and every call checks the length it got.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from latent_mca.bench.common import (
     Target,
     check_length,
     conversations,
-    eos_unreachable,
     generation_prompts,
     latent_agent,
 )
@@ -30,8 +30,8 @@ from latent_mca.models.agent import SamplingConfig
 #: Latent decoding should keep at least 95% of the base model's tokens/s (the authors' code: ~1/1.13 = 0.88).
 DECODE_TARGET = Target(op=">=", value=0.95, paper=round(1 / 1.13, 3))
 
-FIXED_LENGTH_NOTE = ("fixed reply length: the image placeholder, suppressed by both decoders, is declared the only "
-                     "end-of-turn id, so both run exactly new_tokens steps (checked on every call)")
+FIXED_LENGTH_NOTE = ("fixed reply length: both decoders get min_new_tokens = max_new_tokens (end-of-turn ids "
+                     "suppressed until then), so both run exactly new_tokens steps (checked on every call)")
 
 
 def bench_decode(ctx: BenchContext) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def bench_decode(ctx: BenchContext) -> dict[str, Any]:
     b, t = sizes.batch_size, sizes.new_tokens
     agent = latent_agent(backbone, sizes, ctx.seed)
     prompts = generation_prompts(backbone, conversations(b, sizes.backbone.image_size, ctx.seed))
-    sampling = SamplingConfig(max_new_tokens=t, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=t, temperature=1.0, min_new_tokens=t)
     gen = ctx.generator()
 
     def ours() -> None:
@@ -56,17 +56,16 @@ def bench_decode(ctx: BenchContext) -> dict[str, Any]:
 
     def baseline() -> None:
         out = backbone.generate(prompts.input_ids, prompts.attention_mask, prompts.vision, max_new_tokens=t,
-                                do_sample=False)
+                                min_new_tokens=t, do_sample=False)
         check_length("Backbone.generate", out.shape[1], t)
 
-    with eos_unreachable(backbone):
-        return ctx.measure(
-            "decode", "greedy replies, latent agent vs HF generate", ours, baseline,
-            {"ours": "LatentAgent.generate (codes sampled, tokens greedy)",
-             "baseline": "Backbone.generate (HF, greedy, KV cache)"},
-            throughput=True, tokens=b * t, target=DECODE_TARGET,
-            sizes={"prompt_length": int(prompts.input_ids.shape[1])},
-            notes=[FIXED_LENGTH_NOTE, "time per call includes the prefill (vision tower + prompt)"])
+    return ctx.measure(
+        "decode", "greedy replies, latent agent vs HF generate", ours, baseline,
+        {"ours": "LatentAgent.generate (codes sampled, tokens greedy)",
+         "baseline": "Backbone.generate (HF, greedy, KV cache)"},
+        throughput=True, tokens=b * t, target=DECODE_TARGET,
+        sizes={"prompt_length": int(prompts.input_ids.shape[1])},
+        notes=[FIXED_LENGTH_NOTE, "time per call includes the prefill (vision tower + prompt)"])
 
 
 def bench_rollout(ctx: BenchContext) -> dict[str, Any]:
@@ -82,7 +81,7 @@ def bench_rollout(ctx: BenchContext) -> dict[str, Any]:
     b, g, t = sizes.batch_size, sizes.group_size, sizes.new_tokens
     agent = latent_agent(backbone, sizes, ctx.seed)
     prompts = generation_prompts(backbone, conversations(b, sizes.backbone.image_size, ctx.seed))
-    sampling = SamplingConfig(max_new_tokens=t, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=t, temperature=1.0, min_new_tokens=t)
     gen = ctx.generator()
 
     def ours() -> None:
@@ -91,15 +90,14 @@ def bench_rollout(ctx: BenchContext) -> dict[str, Any]:
 
     def baseline() -> None:
         out = backbone.generate(prompts.input_ids, prompts.attention_mask, prompts.vision, max_new_tokens=t,
-                                do_sample=True, temperature=1.0, num_return_sequences=g)
+                                min_new_tokens=t, do_sample=True, temperature=1.0, num_return_sequences=g)
         check_length("token rollout", out.shape[1], t)
 
-    with eos_unreachable(backbone):
-        return ctx.measure(
-            "rollout", f"G={g} sampled replies per prompt, latent vs token rollout", ours, baseline,
-            {"ours": "LatentAgent.generate(num_samples=G): codes sampled at temperature 1",
-             "baseline": "Backbone.generate(num_return_sequences=G): tokens sampled at temperature 1"},
-            tokens=b * g * t, sizes={"prompt_length": int(prompts.input_ids.shape[1])},
-            notes=[FIXED_LENGTH_NOTE,
-                   "ours prefills each prompt once and repeats its KV cache G times; HF generate expands the "
-                   "prompts (and images) G times before its prefill"])
+    return ctx.measure(
+        "rollout", f"G={g} sampled replies per prompt, latent vs token rollout", ours, baseline,
+        {"ours": "LatentAgent.generate(num_samples=G): codes sampled at temperature 1",
+         "baseline": "Backbone.generate(num_return_sequences=G): tokens sampled at temperature 1"},
+        tokens=b * g * t, sizes={"prompt_length": int(prompts.input_ids.shape[1])},
+        notes=[FIXED_LENGTH_NOTE,
+               "ours prefills each prompt once (backbone and policy) and repeats its KV caches G times; HF "
+               "generate expands the prompts (and images) G times before its prefill"])

@@ -4,8 +4,8 @@ Both sides start from a finished rollout of ``B`` prompts x ``G`` replies x ``ne
 timed) and time exactly what their phase does per PPO iteration, through the phases' own methods:
 
 * ours (:class:`~latent_mca.phases.latent_rl.LatentRLModule`): ``code_logp`` (the policy over the states
-  recorded during the rollout; the backbone does not run), ``policy_loss``, backward, AdamW step over the
-  policy;
+  recorded during the rollout, each prompt encoded once for its ``G`` samples; the backbone does not run),
+  ``policy_loss``, backward, AdamW step over the policy;
 * baseline (:class:`~latent_mca.phases.token_rl.TokenRLModule`): ``token_logp`` (a backbone forward over
   prompt + completion, vision tower included, then ``lm_head`` and the vocabulary log-softmax),
   ``policy_loss``, backward through the trainable backbone, AdamW step.
@@ -27,7 +27,6 @@ from latent_mca.bench.common import (
     Target,
     check_length,
     conversations,
-    eos_unreachable,
     generation_prompts,
     latent_agent,
 )
@@ -87,11 +86,11 @@ def bench_rl_step(ctx: BenchContext) -> dict[str, Any]:
     latent, token = _modules(ctx, rl)
     # The token side trains its own copy of the backbone, loaded from the same checkpoint.
     token.backbone = Backbone.from_pretrained(token.backbone_config)
-    with eos_unreachable(frozen, token.backbone):
-        rollout = agent.generate(prompts, SamplingConfig(max_new_tokens=t, temperature=rl.temperature),
-                                 num_samples=g, generator=ctx.generator())
-        completion = token.backbone.generate(prompts.input_ids, prompts.attention_mask, prompts.vision,
-                                             max_new_tokens=t, temperature=rl.temperature, num_return_sequences=g)
+    rollout = agent.generate(prompts, SamplingConfig(max_new_tokens=t, temperature=rl.temperature, min_new_tokens=t),
+                             num_samples=g, generator=ctx.generator())
+    completion = token.backbone.generate(prompts.input_ids, prompts.attention_mask, prompts.vision,
+                                         max_new_tokens=t, min_new_tokens=t, temperature=rl.temperature,
+                                         num_return_sequences=g)
     check_length("latent rollout", rollout.tokens.shape[1], t)
     check_length("token rollout", completion.shape[1], t)
     latent.policy = agent.policy.train()

@@ -533,7 +533,7 @@ class Backbone(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor] | None = None, *,
                  max_new_tokens: int = 64, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, num_return_sequences: int = 1) -> Tensor:
+                 top_p: float = 1.0, num_return_sequences: int = 1, min_new_tokens: int = 0) -> Tensor:
         """Token-level generation with transformers' ``generate`` (the token RL baseline's rollouts).
 
         Image-segment tokens are suppressed (a reply never contains one); generation stops at the
@@ -549,15 +549,20 @@ class Backbone(nn.Module):
             top_k: Top-k truncation (0: none).
             top_p: Nucleus truncation (1.0: none).
             num_return_sequences: Samples per prompt (rows grouped by prompt).
+            min_new_tokens: End-of-turn ids are suppressed before this many new tokens (0: no minimum;
+                equal to ``max_new_tokens``: replies of exactly that length).
 
         Returns:
             The generated ids ``(B * num_return_sequences, T)``, padded with the pad id after the end.
         """
+        if min_new_tokens < 0:
+            raise ValueError(f"Backbone.generate: min_new_tokens must be >= 0, got {min_new_tokens}")
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **(vision or {}),
             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
             top_k=top_k if (do_sample and top_k) else None, top_p=top_p if do_sample else None,
-            num_return_sequences=num_return_sequences, eos_token_id=self.eos_token_ids,
+            num_return_sequences=num_return_sequences, min_new_tokens=min_new_tokens or None,
+            eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id, suppress_tokens=self.image_segment_token_ids or None, use_cache=True,
         )
         return out[:, input_ids.shape[1]:]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latent_mca.models.transformer import CausalTransformer, CausalTransformerConfig, KVCache
+from latent_mca.models.transformer import CausalTransformer, CausalTransformerConfig, KVCache, fast_linear
 
 __all__ = ["LatentPolicy", "LatentPolicyConfig", "build_policy", "code_logprobs", "processed_logprobs",
            "sample_codes"]
@@ -98,14 +98,27 @@ class LatentPolicy(nn.Module):
         """
         return self.head(self.transformer(states, attention_mask))
 
-    def prefill(self, states: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
-        """Score a (left-padded) prompt and open a cache: logits ``(B, L, K)`` and the cache."""
-        hidden, cache = self.transformer.prefill(states, attention_mask)
+    def prefill(self, states: Tensor, attention_mask: Tensor | None = None,
+                max_length: int | None = None) -> tuple[Tensor, KVCache]:
+        """Score a (left-padded) prompt and open a cache: logits ``(B, L, K)`` and the cache.
+
+        ``max_length`` (under ``torch.no_grad()``) preallocates the cache for that many positions, prompt
+        included (see :meth:`CausalTransformer.prefill`).
+        """
+        hidden, cache = self.transformer.prefill(states, attention_mask, max_length=max_length)
         return self.head(hidden), cache
 
     def step(self, state_t: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
         """Score one new state per row ``(B, 1, d)``: logits ``(B, 1, K)`` and the extended cache."""
         hidden, cache = self.transformer.step(state_t, cache)
+        return fast_linear(self.head, hidden), cache
+
+    def extend(self, states: Tensor, cache: KVCache, attention_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """Score ``L`` new states per row after a cache (right-padded), differentiably: logits ``(B, L, K)``.
+
+        See :meth:`CausalTransformer.extend`; used to score several continuations of one prefilled prompt.
+        """
+        hidden, cache = self.transformer.extend(states, cache, attention_mask)
         return self.head(hidden), cache
 
 
@@ -130,13 +143,16 @@ def processed_logprobs(logits: Tensor, temperature: float = 1.0, top_k: int = 0,
         greedy = F.one_hot(scores.argmax(dim=-1), k).bool()
         out = torch.full_like(scores, float("-inf")).masked_fill(greedy, 0.0)
         return out.reshape(logits.shape)
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-    scores = scores / temperature
+    if temperature != 1.0:  # dividing by 1 changes nothing; skipping it saves an op per decoding step
+        scores = scores / temperature
     # The warpers ignore input_ids; they only need 2-D scores.
     if 0 < top_k < k:
+        from transformers.generation.logits_process import TopKLogitsWarper
+
         scores = TopKLogitsWarper(top_k)(None, scores)
     if top_p < 1.0:
+        from transformers.generation.logits_process import TopPLogitsWarper
+
         scores = TopPLogitsWarper(top_p)(None, scores)
     return F.log_softmax(scores, dim=-1).reshape(logits.shape)
 

@@ -3,25 +3,37 @@
 The inverse dynamics model and the latent policy are both stacks of these blocks on top of the frozen
 backbone's final hidden states ``e`` (shape ``(B, L, d)``). Blocks follow the Llama/Qwen recipe (RMSNorm
 pre-norm, rotary multi-head attention with optional grouped KV heads, SwiGLU MLP) but are written here, so the
-modules do not depend on a transformers modeling file.
+modules do not depend on a transformers modeling file. Query, key and value share one projection, and so do
+the SwiGLU gate and up projections (fewer, larger matrix products); checkpoints written with separate
+``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` weights still load (they are fused on load).
 
 Positions come from the attention mask (``cumsum(mask) - 1``), so left-padded and unpadded batches give the
 same outputs on their real tokens. Attention is causal plus key padding; a padded query row is allowed to
 attend to itself so that no softmax row is empty (an all-masked row would give NaN), and outputs at padded
 positions are set to zero.
+
+Decoding (:meth:`CausalTransformer.step`) under ``torch.no_grad()`` writes each new key and value in place
+into buffers preallocated to a capacity (``prefill(..., max_length=...)``, else grown by doubling) instead of
+concatenating the whole cache every step; see :class:`KVCache` for when that happens and why it is safe.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["CausalTransformer", "CausalTransformerConfig", "KVCache", "build_causal_transformer", "swiglu_hidden_size"]
+__all__ = ["CausalTransformer", "CausalTransformerConfig", "KVCache", "build_causal_transformer", "fast_linear",
+           "swiglu_hidden_size"]
+
+#: Rows up to which :func:`fast_linear` multiplies by a row-major copy of the weight (decoding steps).
+FAST_LINEAR_MAX_ROWS = 64
+#: Largest weight (elements) :func:`fast_linear` keeps a copy of: the copy doubles that weight's memory.
+FAST_LINEAR_MAX_WEIGHT = 1 << 24
 
 
 def swiglu_hidden_size(input_size: int, multiple_of: int = 64) -> int:
@@ -83,24 +95,122 @@ class CausalTransformerConfig:
         return self.hidden_size // self.num_heads
 
 
+def fast_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)``, through a cached row-major ``(in, out)`` copy of the weight for a few rows on CPU without autograd.
+
+    For a skinny input (a decoding step's ``B`` rows) MKL's GEMM against the transposed view that
+    ``nn.Linear`` multiplies by runs about half as fast as against a contiguous ``(in, out)`` matrix
+    (measured for ``B = 8`` and widths 128-1536; the same speed from ``B`` ~ 64 on). The copy is made once
+    and reused until the weight changes (its version counter moves on every in-place update, e.g. an
+    optimiser step or ``load_state_dict``); it doubles the layer's weight memory, so weights over
+    :data:`FAST_LINEAR_MAX_WEIGHT` elements (e.g. a 152K-token ``lm_head``) are not copied. Everywhere else
+    (gradients enabled, many rows, GPU, a layer with hooks such as ZeRO-3 parameter gathering or adapters) this
+    is exactly ``layer(x)``.
+
+    Args:
+        layer: A linear layer.
+        x: Inputs ``(..., in)``.
+
+    Returns:
+        ``(..., out)``.
+    """
+    w = layer.weight
+    if (torch.is_grad_enabled() or type(layer) is not nn.Linear or w.device.type != "cpu"
+            or layer._forward_hooks or layer._forward_pre_hooks
+            or x.numel() > FAST_LINEAR_MAX_ROWS * x.shape[-1] or w.numel() > FAST_LINEAR_MAX_WEIGHT):
+        return layer(x)
+    key = (w.data_ptr(), w._version, w.dtype)
+    cached = layer.__dict__.get("_fast_weight")
+    if cached is None or cached[0] != key:
+        cached = (key, w.t().contiguous())  # (in, out)
+        layer.__dict__["_fast_weight"] = cached
+    y = x @ cached[1]
+    return y if layer.bias is None else y + layer.bias
+
+
+class _KVStore:
+    """Key/value buffers with room for ``capacity`` positions, shared by the successive caches of one decode.
+
+    ``filled`` is how many positions hold data. Only a cache whose length equals ``filled`` may append in
+    place; any other cache over the same store (an earlier one, stepped a second time) copies first.
+    """
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], mask: Tensor, filled: int) -> None:
+        self.keys, self.values, self.mask, self.filled = keys, values, mask, filled  # (B, Hkv, C, hd) / (B, C)
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    @classmethod
+    def empty(cls, like: Tensor, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int) -> _KVStore:
+        """Uninitialised buffers for ``like.shape[0]`` rows (dtype and device of ``like``)."""
+        b = like.shape[0]
+        keys = [like.new_empty(b, num_kv_heads, capacity, head_dim) for _ in range(num_layers)]
+        values = [like.new_empty(b, num_kv_heads, capacity, head_dim) for _ in range(num_layers)]
+        return cls(keys, values, torch.zeros(b, capacity, dtype=torch.bool, device=like.device), 0)
+
+    @classmethod
+    def copy_of(cls, cache: KVCache, capacity: int) -> _KVStore:
+        """A store holding a copy of ``cache`` with room for ``capacity`` positions."""
+        t = cache.length
+        mask = cache.attention_mask.new_zeros(cache.batch_size, capacity)
+        mask[:, :t] = cache.attention_mask
+        buffers = []
+        for tensors in (cache.keys, cache.values):
+            out = []
+            for x in tensors:
+                buf = x.new_empty(x.shape[0], x.shape[1], capacity, x.shape[3])
+                buf[:, :, :t] = x
+                out.append(buf)
+            buffers.append(out)
+        return cls(buffers[0], buffers[1], mask, t)
+
+    def slots(self, start: int) -> list[_Slot]:
+        """Per-layer write positions for the next positions after ``start``."""
+        return [_Slot(k, v, start) for k, v in zip(self.keys, self.values)]
+
+
+class _Slot:
+    """Where one layer writes new keys/values in place; returns views of everything written so far."""
+
+    def __init__(self, keys: Tensor, values: Tensor, start: int) -> None:
+        self.keys, self.values, self.start = keys, values, start
+
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.start + k.shape[2]
+        self.keys[:, :, self.start:end] = k
+        self.values[:, :, self.start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]  # (B, Hkv, T, hd) views
+
+
 @dataclass
 class KVCache:
     """Keys and values of every cached position, for all layers, plus what the next step needs.
 
-    Tensors are never written in place: :meth:`CausalTransformer.step` returns a new cache (``torch.cat``,
-    like transformers' ``DynamicCache``), so an older cache stays valid and autograd is safe.
+    Two storage modes, the same to a reader:
+
+    * plain tensors (``prefill`` or ``extend`` with gradients enabled, :meth:`select`): never written in
+      place; extending concatenates into new tensors, so an older cache stays valid and autograd is safe;
+    * a preallocated store (``step`` under ``torch.no_grad()``, or ``prefill(..., max_length=...)`` under
+      ``no_grad``): ``keys``/``values``/``attention_mask`` are views of buffers with room for more positions,
+      and a step writes the new position in place (no copy of the cache). Positions a cache covers are never
+      overwritten: stepping an older cache a second time (a branch) copies it to a new store first, so every
+      cache returned stays valid. The buffers double when full.
 
     Attributes:
         keys: Per layer, rotated keys of shape ``(B, H_kv, T, head_dim)``.
         values: Per layer, values of shape ``(B, H_kv, T, head_dim)``.
         attention_mask: Which cached positions are real tokens, shape ``(B, T)``, bool.
         next_position: RoPE position of the next token per row, shape ``(B,)``.
+        store: The preallocated buffers behind the views (None in plain mode).
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     attention_mask: Tensor  # (B, T)
     next_position: Tensor  # (B,)
+    store: _KVStore | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -115,15 +225,26 @@ class KVCache:
     def repeat_interleave(self, repeats: int) -> KVCache:
         """Expand every row ``repeats`` times (row ``i`` becomes rows ``i*repeats ... i*repeats+repeats-1``).
 
-        Used to draw several samples per prompt from one prefill.
+        Used to draw several samples per prompt from one prefill. Differentiable in plain mode (the gradient
+        of the repeated rows is summed into the original); a preallocated store is repeated with its free room.
         """
         if repeats < 1:
             raise ValueError(f"KVCache.repeat_interleave: repeats must be >= 1, got {repeats}")
+        if repeats == 1:
+            return self  # caches are never modified where they hold data, so sharing is safe
+        next_position = self.next_position.repeat_interleave(repeats, dim=0)
+        if self.store is not None:
+            t, s = self.length, self.store
+            store = _KVStore([k.repeat_interleave(repeats, dim=0) for k in s.keys],
+                             [v.repeat_interleave(repeats, dim=0) for v in s.values],
+                             s.mask.repeat_interleave(repeats, dim=0), t)
+            return KVCache([k[:, :, :t] for k in store.keys], [v[:, :, :t] for v in store.values],
+                           store.mask[:, :t], next_position, store)
         return KVCache(
             keys=[k.repeat_interleave(repeats, dim=0) for k in self.keys],
             values=[v.repeat_interleave(repeats, dim=0) for v in self.values],
             attention_mask=self.attention_mask.repeat_interleave(repeats, dim=0),
-            next_position=self.next_position.repeat_interleave(repeats, dim=0),
+            next_position=next_position,
         )
 
     def select(self, rows: Tensor) -> KVCache:
@@ -137,73 +258,114 @@ class KVCache:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half convention) evaluated at arbitrary per-row positions."""
+    """Rotary position embedding (rotate-half convention) read from a per-position table.
+
+    The table holds, for every position ``p`` and frequency ``f``, the factors ``C = [cos; cos]`` and
+    ``S = [-sin; sin]`` over the two halves of a head, so that ``rope(x) = x * C + swap_halves(x) * S``
+    without concatenating. It is built in float32 (the same values as evaluating the angles per call), cast
+    to the activations' dtype and grown by doubling when a longer sequence arrives.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``cos`` and ``sin`` of shape ``(B, 1, L, head_dim)`` for integer positions ``(B, L)``."""
-        freqs = positions[..., None].float() * self.inv_freq  # (B, L, hd/2)
-        angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, hd)
-        return angles.cos(), angles.sin()
+    def table(self, length: int, like: Tensor) -> Tensor:
+        """Factors for positions ``0 .. >= length-1``, shape ``(n, 2, 2, head_dim / 2)`` (``[C, S]`` per position)."""
+        key = (like.device, like.dtype)
+        table = self._tables.get(key)
+        if table is None or table.shape[0] < length:
+            n = max(length, 64 if table is None else 2 * table.shape[0])
+            freqs = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq
+            cos, sin = freqs.cos(), freqs.sin()  # (n, hd/2)
+            table = torch.stack([torch.stack([cos, cos], 1), torch.stack([-sin, sin], 1)], 1)  # (n, 2, 2, hd/2)
+            table = table.to(device=like.device, dtype=like.dtype)
+            self._tables[key] = table
+        return table
+
+    def forward(self, positions: Tensor, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``C`` and ``S`` of shape ``(B, L, 1, 2, head_dim / 2)`` for positions ``(B, L)``, all ``< length``."""
+        factors = self.table(length, like)[positions]  # (B, L, 2, 2, hd/2)
+        return factors[:, :, None, 0], factors[:, :, None, 1]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """Apply RoPE to ``x`` ``(B, L, H, hd)`` with factors ``(B, L, 1, 2, hd/2)``: ``x*C + swap_halves(x)*S``."""
+    halves = x.unflatten(-1, (2, -1))  # (B, L, H, 2, hd/2)
+    return torch.addcmul(halves * cos, halves.flip(-2), sin).flatten(-2)
+
+
+def _fuse_legacy_weights(state_dict: dict[str, Tensor], prefix: str, parts: tuple[str, ...], fused: str) -> None:
+    """Replace ``<prefix><part>.weight`` entries of an older checkpoint by their row-wise concatenation."""
+    names = [f"{prefix}{part}.weight" for part in parts]
+    if f"{prefix}{fused}.weight" not in state_dict and all(n in state_dict for n in names):
+        state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
 
 
 class Attention(nn.Module):
-    """Multi-head (optionally grouped-query) self-attention with RoPE over ``F.scaled_dot_product_attention``."""
+    """Multi-head (optionally grouped-query) self-attention with RoPE over ``F.scaled_dot_product_attention``.
+
+    One ``qkv_proj`` computes queries, keys and values (rows ``[q; k; v]``).
+    """
 
     def __init__(self, config: CausalTransformerConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.qkv_proj = nn.Linear(d, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.dropout = config.dropout
+        self.register_load_state_dict_pre_hook(
+            lambda module, state, prefix, *_: _fuse_legacy_weights(state, prefix, ("q_proj", "k_proj", "v_proj"),
+                                                                   "qkv_proj"))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Attend from ``x`` (B, L, d) to the cached keys plus its own; ``mask`` is (B, 1, L, T_total) bool.
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                past: tuple[Tensor, Tensor] | _Slot | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Attend from ``x`` (B, L, d) to the cached keys plus its own; ``mask`` is (B, 1, L, T_total).
+
+        Args:
+            x: Normalised inputs.
+            rope: RoPE factors from :class:`RotaryEmbedding`.
+            mask: Bool (True = may attend) or additive float mask.
+            past: Earlier keys and values to concatenate with, or a slot of preallocated buffers to write into.
 
         Returns:
             The attention output ``(B, L, d)`` and the full keys and values (cache included).
         """
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if past is not None:
+        h, hk = self.num_heads, self.num_kv_heads
+        qkv = fast_linear(self.qkv_proj, x).view(b, n, h + 2 * hk, self.head_dim)  # (B, L, H+2Hkv, hd)
+        qk = _rotate(qkv[:, :, : h + hk], *rope)  # (B, L, H+Hkv, hd): queries and keys rotated together
+        q, k = qk[:, :, :h].transpose(1, 2), qk[:, :, h:].transpose(1, 2)  # (B, H, L, hd), (B, Hkv, L, hd)
+        v = qkv[:, :, h + hk:].transpose(1, 2)  # (B, Hkv, L, hd)
+        if isinstance(past, _Slot):
+            k, v = past.write(k, v)
+        elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, enable_gqa=hk != h,
         )  # (B, H, L, hd)
-        y = y.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)  # (B, L, H*hd)
-        return self.o_proj(y), k, v
+        y = y.transpose(1, 2).reshape(b, n, h * self.head_dim)  # (B, L, H*hd)
+        return fast_linear(self.o_proj, y), k, v
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))``."""
+    """``down(silu(gate(x)) * up(x))`` with the gate and up projections in one matrix (rows ``[gate; up]``)."""
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(input_size, hidden_size, bias=False)
-        self.up_proj = nn.Linear(input_size, hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(input_size, 2 * hidden_size, bias=False)
         self.down_proj = nn.Linear(hidden_size, output_size, bias=False)
+        self.register_load_state_dict_pre_hook(
+            lambda module, state, prefix, *_: _fuse_legacy_weights(state, prefix, ("gate_proj", "up_proj"),
+                                                                   "gate_up_proj"))
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the gated MLP to the last dimension."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fast_linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        return fast_linear(self.down_proj, F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -218,12 +380,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d, config.intermediate_size, d)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor,
-                past: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _drop(self, x: Tensor) -> Tensor:
+        # Dropout is the identity outside training or at p = 0; skipping the call saves per-step overhead.
+        return self.resid_dropout(x) if self.training and self.resid_dropout.p > 0 else x
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
+                past: tuple[Tensor, Tensor] | _Slot | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Return the block output ``(B, L, d)`` and this layer's full keys and values."""
-        a, k, v = self.attn(self.attn_norm(x), cos, sin, mask, past)
-        h = x + self.resid_dropout(a)
-        return h + self.resid_dropout(self.mlp(self.mlp_norm(h))), k, v
+        a, k, v = self.attn(self.attn_norm(x), rope, mask, past)
+        h = x + self._drop(a)
+        return h + self._drop(self.mlp(self.mlp_norm(h))), k, v
 
 
 def _check_inputs(x: Tensor, attention_mask: Tensor | None, d: int) -> Tensor:
@@ -236,6 +402,21 @@ def _check_inputs(x: Tensor, attention_mask: Tensor | None, d: int) -> Tensor:
         raise ValueError(f"CausalTransformer: attention_mask shape {tuple(attention_mask.shape)} does not match "
                          f"states {tuple(x.shape[:2])}")
     return attention_mask.to(device=x.device, dtype=torch.bool)
+
+
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool "may attend" mask as the additive mask SDPA would build from it, once for all layers."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def _causal(mask: Tensor) -> Tensor:
+    """Causal and key-padding mask among ``L`` new positions ``(B, L, L)``; a padded query sees itself only."""
+    n = mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=mask.device)
+    # A padded query sees itself only, so no softmax row is empty whatever the SDPA backend does with fully
+    # masked rows (some kernels return NaN); its output is zeroed by the caller.
+    return (causal & mask[:, None, :]) | eye
 
 
 class CausalTransformer(nn.Module):
@@ -252,27 +433,35 @@ class CausalTransformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
 
-    def _run(self, x: Tensor, positions: Tensor, mask: Tensor,
-             cache: KVCache | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        cos, sin = self.rotary(positions)
+    def _run(self, x: Tensor, positions: Tensor, length: int, mask: Tensor,
+             past: list[tuple[Tensor, Tensor]] | list[_Slot] | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        rope = self.rotary(positions, length, x)
+        mask = _additive(mask, x.dtype) if len(self.layers) > 1 else mask
         keys, values = [], []
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            past = None if cache is None else (cache.keys[i], cache.values[i])
+            layer_past = None if past is None else past[i]
             if use_ckpt:
-                x, k, v = checkpoint(layer, x, cos, sin, mask, past, use_reentrant=False)
+                x, k, v = checkpoint(layer, x, rope, mask, layer_past, use_reentrant=False)
             else:
-                x, k, v = layer(x, cos, sin, mask, past)
+                x, k, v = layer(x, rope, mask, layer_past)
             keys.append(k)
             values.append(v)
         return self.norm(x), keys, values
 
-    def prefill(self, x: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+    def _store(self, like: Tensor, capacity: int) -> _KVStore:
+        c = self.config
+        return _KVStore.empty(like, c.num_layers, c.num_kv_heads, c.head_dim, capacity)
+
+    def prefill(self, x: Tensor, attention_mask: Tensor | None = None,
+                max_length: int | None = None) -> tuple[Tensor, KVCache]:
         """Run the full (causal) forward pass and keep every layer's keys and values for decoding.
 
         Args:
             x: Input states, shape ``(B, L, d)``; any padding pattern (left padding for prompts).
             attention_mask: 1 for real tokens, 0 for padding, shape ``(B, L)``. None: no padding.
+            max_length: Under ``torch.no_grad()``, preallocate cache room for this many positions in all (prompt
+                included), so that decoding up to it never copies the cache. Ignored with gradients enabled.
 
         Returns:
             Outputs ``(B, L, d)`` (zero at padded positions) and the cache to continue from.
@@ -280,14 +469,16 @@ class CausalTransformer(nn.Module):
         mask = _check_inputs(x, attention_mask, self.config.hidden_size)
         n = x.shape[1]
         positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        eye = torch.eye(n, dtype=torch.bool, device=x.device)
-        # A padded query sees itself only, so no softmax row is empty whatever the SDPA backend does with
-        # fully masked rows (some kernels return NaN); its output is zeroed below.
-        allowed = ((causal & mask[:, None, :]) | eye)[:, None]  # (B, 1, L, L)
-        y, keys, values = self._run(x, positions, allowed, None)
+        allowed = _causal(mask)[:, None]  # (B, 1, L, L)
+        store = None
+        if max_length is not None and not torch.is_grad_enabled():
+            store = self._store(x, max(max_length, n))
+            store.mask[:, :n] = mask
+            store.filled = n
+        y, keys, values = self._run(x, positions, n, allowed, None if store is None else store.slots(0))
         y = y * mask[..., None].to(y.dtype)
-        cache = KVCache(keys=keys, values=values, attention_mask=mask, next_position=mask.long().sum(dim=1))
+        cache = KVCache(keys=keys, values=values, attention_mask=mask if store is None else store.mask[:, :n],
+                        next_position=mask.long().sum(dim=1), store=store)
         return y, cache
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -302,8 +493,44 @@ class CausalTransformer(nn.Module):
         """
         return self.prefill(x, attention_mask)[0]
 
+    def _writable_store(self, cache: KVCache, n: int) -> _KVStore:
+        """The store ``cache`` can append ``n`` positions to in place (copying or growing it when needed)."""
+        t, store = cache.length, cache.store
+        if store is None or store.filled != t:  # no buffers yet, or another continuation already wrote there
+            return _KVStore.copy_of(cache, max(2 * t, t + n))
+        if store.capacity < t + n:
+            return _KVStore.copy_of(cache, max(2 * store.capacity, t + n))
+        return store
+
+    def extend(self, x: Tensor, cache: KVCache, attention_mask: Tensor | None = None) -> tuple[Tensor, KVCache]:
+        """Append ``L`` positions per row after the cached ones and return their outputs (differentiable).
+
+        The same outputs as running :meth:`forward` over the cached inputs followed by ``x``, without
+        recomputing the cached part. With gradients enabled the cache's keys and values stay in the autograd
+        graph, so a prompt encoded once (``prefill``), expanded per sample (``repeat_interleave``) and
+        extended by each sample's continuation backpropagates into the shared prompt exactly as if each
+        sample had been encoded whole.
+
+        Args:
+            x: New input states ``(B, L, d)``.
+            cache: The cache to continue from.
+            attention_mask: 1 for real new positions, ``(B, L)``; padding goes after the real ones (right
+                padding). None: all real.
+
+        Returns:
+            Outputs ``(B, L, d)`` (zero at padded positions) and the cache ``L`` positions longer.
+        """
+        if x.dim() != 3 or x.shape[0] != cache.batch_size:
+            raise ValueError(f"CausalTransformer.extend: expected x of shape ({cache.batch_size}, L, "
+                             f"{self.config.hidden_size}), got {tuple(x.shape)}")
+        new_mask = _check_inputs(x, attention_mask, self.config.hidden_size)
+        return self._append(x, new_mask, cache, in_place=not torch.is_grad_enabled() and cache.store is not None)
+
     def step(self, x_t: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
         """Append one (real) position per row and return its output.
+
+        Under ``torch.no_grad()`` the new keys and values are written in place into preallocated buffers (see
+        :class:`KVCache`); with gradients enabled the cache is concatenated as in :meth:`extend`.
 
         Args:
             x_t: The new input state per row, shape ``(B, 1, d)``.
@@ -315,11 +542,38 @@ class CausalTransformer(nn.Module):
         if x_t.dim() != 3 or x_t.shape[1] != 1 or x_t.shape[0] != cache.batch_size:
             raise ValueError(f"CausalTransformer.step: expected x_t of shape ({cache.batch_size}, 1, "
                              f"{self.config.hidden_size}), got {tuple(x_t.shape)}")
-        mask = torch.cat([cache.attention_mask, cache.attention_mask.new_ones(cache.batch_size, 1)], dim=1)
-        allowed = mask[:, None, None, :]  # (B, 1, 1, T+1); earlier positions only, so no causal part
-        y, keys, values = self._run(x_t, cache.next_position[:, None], allowed, cache)
-        new_cache = KVCache(keys=keys, values=values, attention_mask=mask, next_position=cache.next_position + 1)
-        return y, new_cache
+        return self._append(x_t, None, cache, in_place=not torch.is_grad_enabled())
+
+    def _append(self, x: Tensor, new_mask: Tensor | None, cache: KVCache,
+                in_place: bool) -> tuple[Tensor, KVCache]:
+        """Run ``x`` after ``cache``; ``new_mask`` None means one real position per row (a decoding step)."""
+        b, n, t = x.shape[0], x.shape[1], cache.length
+        store = self._writable_store(cache, n) if in_place else None
+        ones = new_mask is None
+        if ones:
+            new_mask = torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        if store is not None:
+            store.mask[:, t:t + n] = new_mask
+            mask = store.mask[:, :t + n]
+            past = store.slots(t)
+        else:
+            mask = torch.cat([cache.attention_mask, new_mask], dim=1)
+            past = list(zip(cache.keys, cache.values))
+        if ones:  # a single real query: it may see every real key, itself included, nothing to zero
+            positions, added = cache.next_position[:, None], 1
+            allowed = mask[:, None, None, :]  # (B, 1, 1, T+1)
+        else:
+            added = new_mask.long().sum(dim=1)
+            positions = cache.next_position[:, None] + (new_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, L)
+            old = cache.attention_mask[:, None, :].expand(b, n, t)
+            allowed = torch.cat([old, _causal(new_mask)], dim=2)[:, None]  # (B, 1, L, T+L)
+        y, keys, values = self._run(x, positions, t + n, allowed, past)
+        if not ones:
+            y = y * new_mask[..., None].to(y.dtype)
+        if store is not None:
+            store.filled = t + n
+        return y, KVCache(keys=keys, values=values, attention_mask=mask, next_position=cache.next_position + added,
+                          store=store)
 
 
 def build_causal_transformer(config: CausalTransformerConfig) -> CausalTransformer:

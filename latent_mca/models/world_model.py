@@ -8,6 +8,12 @@ where ``Delta`` is a stack of residual gated merge blocks on ``[state; code]``. 
 starts at zero, so before training ``out == e`` exactly and the world model reproduces the base model's
 next-token distribution. The world model does not own ``lm_head``: the caller applies the backbone's frozen head,
 and this module's ``state_dict`` holds the merge blocks only.
+
+A merge block's input layers act on the concatenation ``[n(x); c]``; they are stored as their two halves,
+``W [n(x); c] = W_x n(x) + W_c c`` (``state_proj`` and ``code_proj``, each holding the gate and up rows), which
+is the same function. The code half depends on the action alone, so a decoder computes it once for all ``K``
+codes (:meth:`WorldModel.code_features`) and looks it up per step (:meth:`WorldModel.merge`) instead of
+multiplying ``[state; code]`` every step. Checkpoints with the former ``fc1``/``fc2`` layout load unchanged.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latent_mca.models.transformer import swiglu_hidden_size
+from latent_mca.models.transformer import fast_linear, swiglu_hidden_size
 
 __all__ = ["MergeBlock", "WorldModel", "WorldModelConfig", "build_world_model"]
 
@@ -53,8 +59,20 @@ class WorldModelConfig:
                              f"{self.hidden_size}, {self.num_blocks}, {self.intermediate_size}")
 
 
+def _split_legacy_weights(state_dict: dict[str, Tensor], prefix: str) -> None:
+    """Turn an older checkpoint's ``fc1``/``fc2`` over ``[state; code]`` into ``state_proj``/``code_proj``."""
+    fc1, fc2 = f"{prefix}fc1.weight", f"{prefix}fc2.weight"
+    if fc1 in state_dict and fc2 in state_dict and f"{prefix}state_proj.weight" not in state_dict:
+        w1, w2 = state_dict.pop(fc1), state_dict.pop(fc2)  # (width, 2d) each
+        d = w1.shape[1] // 2
+        state_dict[f"{prefix}state_proj.weight"] = torch.cat([w1[:, :d], w2[:, :d]], dim=0)  # (2 width, d)
+        state_dict[f"{prefix}code_proj.weight"] = torch.cat([w1[:, d:], w2[:, d:]], dim=0)
+
+
 class MergeBlock(nn.Module):
-    """``x + proj(silu(fc1([n(x); c])) * fc2([n(x); c]))`` with ``n`` an optional RMSNorm and ``proj`` zero-initialised.
+    """``x + proj(silu(g) * u)`` with ``[g; u] = W_x n(x) + W_c c``, ``n`` an optional RMSNorm, ``proj`` zero at init.
+
+    ``[W_x W_c]`` is the gated MLP's input layer over ``[n(x); c]`` (gate rows first, then up rows).
 
     Args:
         config: Sizes.
@@ -64,15 +82,28 @@ class MergeBlock(nn.Module):
         super().__init__()
         d, width = config.hidden_size, config.intermediate_size
         self.norm = nn.RMSNorm(d, eps=config.norm_eps) if config.pre_norm else nn.Identity()
-        self.fc1 = nn.Linear(2 * d, width, bias=False)
-        self.fc2 = nn.Linear(2 * d, width, bias=False)
+        self.state_proj = nn.Linear(d, 2 * width, bias=False)
+        self.code_proj = nn.Linear(d, 2 * width, bias=False)
         self.proj = nn.Linear(width, d, bias=False)
+        bound = 1.0 / (2 * d) ** 0.5  # nn.Linear's default init for the 2d-wide concatenated input
+        nn.init.uniform_(self.state_proj.weight, -bound, bound)
+        nn.init.uniform_(self.code_proj.weight, -bound, bound)
         nn.init.zeros_(self.proj.weight)  # the block starts as the identity
+        self.register_load_state_dict_pre_hook(lambda module, state, prefix, *_: _split_legacy_weights(state, prefix))
+
+    def code_features(self, code: Tensor) -> Tensor:
+        """The code half ``W_c c`` for code vectors ``(..., d)``: ``(..., 2 * width)``."""
+        return self.code_proj(code)
+
+    def merge(self, x: Tensor, code_features: Tensor) -> Tensor:
+        """Update states ``x`` ``(..., d)`` given the code half :meth:`code_features` ``(..., 2 * width)``."""
+        hidden = fast_linear(self.state_proj, self.norm(x)) + code_features
+        gate, up = hidden.chunk(2, dim=-1)
+        return x + fast_linear(self.proj, F.silu(gate) * up)
 
     def forward(self, x: Tensor, code: Tensor) -> Tensor:
         """Update states ``x`` ``(..., d)`` with code vectors ``code`` ``(..., d)``."""
-        z = torch.cat([self.norm(x), code.to(x.dtype)], dim=-1)  # (..., 2d)
-        return x + self.proj(F.silu(self.fc1(z)) * self.fc2(z))
+        return self.merge(x, self.code_features(code.to(x.dtype)))
 
 
 class WorldModel(nn.Module):
@@ -103,6 +134,28 @@ class WorldModel(nn.Module):
         x = states
         for block in self.blocks:
             x = block(x, code_emb)
+        return x
+
+    def code_features(self, code_emb: Tensor) -> Tensor:
+        """Every block's code half for code vectors ``(..., d)``: ``(..., num_blocks, 2 * width)``.
+
+        Applied to the whole codebook ``(K, d)`` it gives a table to index with the chosen codes each step.
+        """
+        return torch.stack([block.code_features(code_emb) for block in self.blocks], dim=-2)
+
+    def merge(self, states: Tensor, features: Tensor) -> Tensor:
+        """:meth:`forward` from precomputed :meth:`code_features` ``(..., num_blocks, 2 * width)`` of the codes.
+
+        Args:
+            states: ``(..., d)``.
+            features: The code halves of each state's code, e.g. ``table[codes]``.
+
+        Returns:
+            ``out`` ``(..., d)``, equal to ``forward(states, code_emb)`` up to float rounding.
+        """
+        x = states
+        for i, block in enumerate(self.blocks):
+            x = block.merge(x, features[..., i, :])
         return x
 
 

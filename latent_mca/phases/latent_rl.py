@@ -34,12 +34,19 @@ from latent_mca.models import (
     WorldModel,
     WorldModelConfig,
     code_logprobs,
+    code_usage_stats,
 )
 from latent_mca.models.agent import LatentAgent, LatentRollout, SamplingConfig
 from latent_mca.phases.base import PhaseModule
-from latent_mca.rl.losses import policy_loss
 from latent_mca.rl.rewards.base import RewardFunction
-from latent_mca.rl.update import RLConfig, decode_completions, prepare_advantages, score_rollouts
+from latent_mca.rl.update import (
+    RLConfig,
+    decode_completions,
+    log_step,
+    optimise,
+    prepare_advantages,
+    score_rollouts,
+)
 
 FROZEN = ("codebook", "world_model")
 CARRIED = ("projector", "inverse")  # exported unchanged so the next reader has the whole latent space
@@ -130,9 +137,12 @@ class LatentRLModule(PhaseModule):
 
     # ------------------------------------------------------------------ training
     def code_logp(self, policy: LatentPolicy, rollout: LatentRollout) -> Tensor:
-        """Log-probabilities ``(N, T)`` of the rollout's codes under ``policy`` (from the recorded states)."""
-        states, mask, offset = rollout.policy_inputs()
-        logits = policy(states, mask)[:, offset:]  # (N, T, K): the backbone is not run again
+        """Log-probabilities ``(N, T)`` of the rollout's codes under ``policy`` (from the recorded states).
+
+        Each prompt is encoded once for its ``G`` samples (:meth:`LatentRollout.policy_logits`): the same values
+        and gradients as scoring every row's prompt + completion, at a fraction of the work.
+        """
+        logits = rollout.policy_logits(policy)  # (N, T, K): the backbone is not run again
         logp = code_logprobs(logits, rollout.codes, self.rl.temperature, self.rl.top_k, self.rl.top_p)
         return logp.clamp_min(LOGP_FLOOR)
 
@@ -151,35 +161,11 @@ class LatentRLModule(PhaseModule):
         if self.ref_policy is not None:
             with torch.no_grad():
                 ref = self.code_logp(self.ref_policy, rollout)
-        tokens = self.trainer.strategy.reduce(mask.sum().float(), reduce_op="sum")
-        opt = self.optimizers()
-        stats: dict[str, Tensor] = {}
-        for _ in range(cfg.num_iterations):
-            logp = self.code_logp(self.policy, rollout)
-            loss, stats = policy_loss(
-                logp, old, ref, adv.advantages, mask, algorithm=cfg.algorithm, epsilon_low=cfg.epsilon_low,
-                epsilon_high=cfg.epsilon_high, beta=cfg.beta, max_completion_length=cfg.max_new_tokens,
-                num_items_in_batch=tokens, world_size=self.trainer.world_size)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        self._log_step(loss, adv, stats, rollout, texts)
+        loss, stats = optimise(self, lambda: self.code_logp(self.policy, rollout), old, ref, adv, mask, cfg)
+        log_step(self, loss, adv, stats, self.reward, len(texts))
+        usage = code_usage_stats(rollout.codes, self.codebook.num_codes, rollout.mask.bool())
+        self.log_dict({"train/codes_used": usage["used"], "train/code_perplexity": usage["perplexity"]},
+                      batch_size=len(texts))
 
     def _gather(self, values: Tensor) -> Tensor:
         return self.all_gather(values).reshape(-1) if self.trainer.world_size > 1 else values
-
-    def _log_step(self, loss: Tensor, adv: Any, stats: dict[str, Tensor], rollout: LatentRollout,
-                  texts: list[str]) -> None:
-        from latent_mca.models import code_usage_stats
-
-        bs = len(texts)
-        usage = code_usage_stats(rollout.codes, self.codebook.num_codes, rollout.mask.bool())
-        self.log("train/loss", loss.detach(), batch_size=bs)
-        self.log("train/reward", adv.stats["reward"], prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in adv.stats.items() if k != "reward"}, batch_size=bs)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=bs)
-        self.log_dict({"train/codes_used": usage["used"], "train/code_perplexity": usage["perplexity"]},
-                      batch_size=bs)

@@ -7,21 +7,35 @@ import pytest
 import torch
 
 from latent_mca.bench import BENCHMARKS, bench
-from latent_mca.bench.common import Target, eos_unreachable, peak_rss, resolve_sizes, time_pair
+from latent_mca.bench.common import Target, peak_rss, resolve_sizes, time_pair
 from latent_mca.cli import main
 
 
 @pytest.fixture(scope="module")
-def run_bench(tmp_path_factory):
-    """Run one benchmark through the command line at tiny sizes; the backbone is built once and reused."""
-    root = tmp_path_factory.mktemp("bench")
-    cache = root / "backbones"
+def bench_root(tmp_path_factory):
+    """Output root of this module's runs; the tiny backbone under ``<root>/backbones`` is built once and reused."""
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def run_records(bench_root):
+    """Run one benchmark through the command line at tiny sizes; returns the returned records and the out dir."""
 
     def run(name, *extra):
-        out = root / name
+        out = bench_root / name
         args = ["bench", "--name", name, "--size", "tiny", "--repeats", "2", "--warmup", "0", "--out", str(out),
-                "--cache", str(cache), "--threads", "1", *extra]
-        results = main(args)
+                "--cache", str(bench_root / "backbones"), "--threads", "1", *extra]
+        return main(args), out
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_bench(run_records):
+    """Run one benchmark that writes one record: the returned record and the record read back from JSON."""
+
+    def run(name, *extra):
+        results, out = run_records(name, *extra)
         return results[name], json.loads((out / f"{name}.json").read_text())
 
     return run
@@ -96,7 +110,7 @@ def test_unknown_benchmark_is_named(tmp_path):
         resolve_sizes("huge")
     with pytest.raises(ValueError, match="new_tokens"):
         resolve_sizes("tiny", new_tokens=0)
-    assert set(BENCHMARKS) == {"decode", "rollout", "rl-step", "stage1"}
+    assert set(BENCHMARKS) == {"decode", "rollout", "rl-step", "stage1", "loader", "memory"}
 
 
 def test_time_pair_alternates_order_and_skips_warmup():
@@ -123,11 +137,51 @@ def test_peak_rss_sees_a_large_allocation():
         assert grown >= 0.9 * size
 
 
-def test_eos_unreachable_restores_the_special_tokens():
+def test_min_new_tokens_fixes_the_reply_length_of_hf_generate():
     from tests.helpers.vlm_families import qwen2_5_vl
 
     backbone = qwen2_5_vl()
-    before = backbone.special_tokens
-    with eos_unreachable(backbone):
-        assert backbone.eos_token_ids == [backbone.image_segment_token_ids[0]]
-    assert backbone.special_tokens == before
+    eos = backbone.eos_token_ids[0]
+
+    def eos_on_top(module, args, logits):
+        logits = logits.clone()
+        logits[..., eos] = 1e4
+        return logits
+
+    enc = backbone.tokenizer(["hello there", "a longer prompt here"], return_tensors="pt", padding=True,
+                             padding_side="left")
+    handle = backbone.lm_head.register_forward_hook(eos_on_top)
+    try:
+        free = backbone.generate(enc.input_ids, enc.attention_mask, max_new_tokens=5, do_sample=False)
+        fixed = backbone.generate(enc.input_ids, enc.attention_mask, max_new_tokens=5, do_sample=False,
+                                  min_new_tokens=5)
+    finally:
+        handle.remove()
+    assert free.shape[1] == 1 and (free[:, 0] == eos).all()  # the end of turn comes first without a minimum
+    assert fixed.shape[1] == 5 and not torch.isin(fixed, torch.tensor(backbone.eos_token_ids)).any()
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        backbone.generate(enc.input_ids, enc.attention_mask, min_new_tokens=-1)
+
+
+def test_loader_compares_one_worker_with_the_training_step(run_records, bench_root):
+    results, out = run_records("loader", "--memory", "false")
+    assert set(results) == {"loader-paired", "loader-mixed"}
+    for name, record in results.items():
+        assert json.loads((out / f"{name}.json").read_text())["ratio"] == record["ratio"]
+        check_record(record, name, throughput=False, with_target=True)
+        assert record["target"] == {"op": "<=", "value": 1.0, "paper": None}
+        assert record["data_is_bottleneck_with_one_worker"] is (record["ratio"] > 1.0)
+        assert record["sizes"]["samples_per_batch"] == record["tokens_per_call"] == 4  # 2 x batch 2, or 2 + 2
+    assert (bench_root / "backbones" / "world-tiny" / "world.json").is_file()  # the generated world is cached
+
+
+@pytest.mark.slow
+def test_memory_measures_each_phase_in_its_own_process(run_bench, capsys):
+    _, record = run_bench("memory")
+    assert "| latent_rl" in capsys.readouterr().out
+    assert record["kind"] == "memory" and "VmHWM" in record["method"]
+    assert set(record["phases"]) == {"sft", "projector", "inverse_dynamics", "bc", "latent_rl", "token_rl"}
+    for phase, r in record["phases"].items():
+        assert r["rows"] > 0 and r["trainable_params"] > 0, phase
+        assert 0 < r["rss_after_setup_bytes"] <= r["process_peak_bytes"], phase
+        assert r["step_peak_bytes"] >= 0, phase

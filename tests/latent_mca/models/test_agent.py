@@ -58,24 +58,110 @@ def test_codes_drive_the_tokens_and_logps_are_recomputable(agent, prompts):
     assert not torch.equal(roll.codes[0], roll.codes[1]) or not torch.equal(roll.codes[1], roll.codes[2])
 
 
-def test_stops_at_end_of_turn(agent, prompts, monkeypatch):
+def force_eos_after(agent, steps, rows=slice(None)):
+    """Make the world model's head put the end-of-turn token on top of ``rows`` from call ``steps`` on (a hook)."""
     eos = agent.backbone.eos_token_ids[0]
-    original = agent.token_logits
+    calls = []
 
-    def eos_after_two(states, codes):
-        logits = original(states, codes)
-        step = len(calls)
+    def hook(module, args, logits):
         calls.append(1)
-        if step >= 2:  # the world model ends every reply at its third token
-            logits[..., eos] = 1e4
+        if len(calls) > steps:
+            logits = logits.clone()
+            logits[rows, eos] = 1e4
         return logits
 
-    calls = []
-    monkeypatch.setattr(agent, "token_logits", eos_after_two)
-    roll = agent.generate(prompts, SamplingConfig(max_new_tokens=8), num_samples=2)
-    assert roll.tokens.shape[1] == 3 and roll.finished.all()
-    assert roll.lengths.tolist() == [3, 3, 3, 3]
-    assert (roll.tokens[:, -1] == eos).all()
-    calls.clear()
-    truncated = agent.generate(prompts, SamplingConfig(max_new_tokens=2), num_samples=1)
-    assert not truncated.finished.any() and truncated.lengths.tolist() == [2, 2]
+    return agent.backbone.lm_head.register_forward_hook(hook), calls
+
+
+def test_stops_at_end_of_turn(agent, prompts):
+    eos = agent.backbone.eos_token_ids[0]
+    handle, calls = force_eos_after(agent, 2)  # the world model ends every reply at its third token
+    try:
+        roll = agent.generate(prompts, SamplingConfig(max_new_tokens=8), num_samples=2)
+        assert len(calls) == 3  # one head call per step: the hook saw every step
+        assert roll.tokens.shape[1] == 3 and roll.finished.all()
+        assert roll.lengths.tolist() == [3, 3, 3, 3]
+        assert (roll.tokens[:, -1] == eos).all()
+        calls.clear()
+        truncated = agent.generate(prompts, SamplingConfig(max_new_tokens=2), num_samples=1)
+        assert not truncated.finished.any() and truncated.lengths.tolist() == [2, 2]
+    finally:
+        handle.remove()
+
+
+def test_min_new_tokens_holds_back_the_end_of_turn(agent, prompts):
+    eos = agent.backbone.eos_token_ids[0]
+    handle, calls = force_eos_after(agent, 0)  # end of turn on top from the very first token
+    try:
+        roll = agent.generate(prompts, SamplingConfig(max_new_tokens=6, min_new_tokens=4), num_samples=1)
+        assert roll.lengths.tolist() == [5, 5] and roll.finished.all()  # 4 held back, the 5th ends the turn
+        assert not (roll.tokens[:, :4] == eos).any() and (roll.tokens[:, 4] == eos).all()
+        calls.clear()
+        fixed = agent.generate(prompts, SamplingConfig(max_new_tokens=5, min_new_tokens=5), num_samples=1)
+        assert fixed.lengths.tolist() == [5, 5] and not fixed.finished.any()
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingConfig(min_new_tokens=-1)
+
+
+def test_image_segment_tokens_never_appear(agent, prompts):
+    segment = agent.backbone.image_segment_token_ids
+    logits = torch.zeros(2, agent.backbone.vocab_size)
+    logits[:, segment] = 1e4  # the raw head would pick an image token
+    suppressed = agent._suppress_image_tokens(logits)
+    assert torch.isinf(suppressed[:, segment]).all() and (logits[:, segment] == 1e4).all()  # input untouched
+    others = torch.ones(agent.backbone.vocab_size, dtype=torch.bool)
+    others[segment] = False
+    assert torch.equal(suppressed[:, others], logits[:, others])
+    roll = agent.generate(prompts, SamplingConfig(max_new_tokens=4), num_samples=2)
+    assert not torch.isin(roll.tokens, torch.tensor(segment)).any()
+
+
+def repeated_prompt_logits(policy, roll):
+    """The reference: every row's prompt and completion through the policy in one causal pass."""
+    states, mask, offset = roll.policy_inputs()
+    return policy(states, mask)[:, offset:]
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_policy_logits_encode_each_prompt_once_with_the_same_values_and_gradients(agent, prompts, num_samples):
+    handle, _ = force_eos_after(agent, 1, rows=0)  # row 0 ends at its second token, the others run on
+    try:
+        roll = agent.generate(prompts, SamplingConfig(max_new_tokens=5, top_k=4), num_samples=num_samples,
+                              generator=torch.Generator().manual_seed(3))
+    finally:
+        handle.remove()
+    assert roll.num_samples == num_samples and roll.prompt_group_size() == num_samples
+    assert roll.lengths[0] == 2 and roll.lengths[1:].eq(5).all()  # right padding after the end of row 0
+    policy = agent.policy
+    grads = []
+    for compute in (repeated_prompt_logits, lambda p, r: r.policy_logits(p)):
+        policy.zero_grad()
+        logits = compute(policy, roll)
+        logp = code_logprobs(logits, roll.codes, 1.0, 4)
+        (logp.clamp_min(-30) * roll.mask).sum().backward()
+        grads.append((logits.detach(), [p.grad.clone() for p in policy.parameters()]))
+    (ref, ref_grads), (fast, fast_grads) = grads
+    assert fast.shape == roll.codes.shape + (policy.config.num_codes,)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Sampling log-probabilities are reproduced from the prompt-once logits too.
+    live = roll.mask.bool()
+    logp = code_logprobs(fast, roll.codes, 1.0, 4)
+    torch.testing.assert_close(logp[live], roll.code_logp[live], rtol=1e-4, atol=1e-5)
+
+
+def test_policy_logits_ignore_a_wrong_group_hint(agent, prompts):
+    import dataclasses
+
+    roll = agent.generate(prompts, SamplingConfig(max_new_tokens=3), num_samples=2,
+                          generator=torch.Generator().manual_seed(4))
+    swapped = torch.tensor([0, 2, 1, 3])  # rows 0 and 1 now hold different prompts
+    mixed = dataclasses.replace(roll, **{f: getattr(roll, f)[swapped] for f in (
+        "prompt_states", "prompt_mask", "tokens", "mask", "states", "codes", "code_logp", "finished")})
+    assert mixed.num_samples == 2 and mixed.prompt_group_size() == 1
+    with torch.no_grad():
+        torch.testing.assert_close(mixed.policy_logits(agent.policy), repeated_prompt_logits(agent.policy, mixed),
+                                   rtol=1e-5, atol=1e-5)

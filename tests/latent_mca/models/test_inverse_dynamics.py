@@ -107,5 +107,5 @@ def test_straight_through_gumbel_trains_inverse_model_and_codebook():
     opt.step()
     loss_and_grads()
     assert inverse.head.weight.grad.abs().sum() > 0
-    assert inverse.transformer.layers[0].attn.q_proj.weight.grad.abs().sum() > 0
+    assert inverse.transformer.layers[0].attn.qkv_proj.weight.grad.abs().sum() > 0
     assert codebook.weight.grad.abs().sum() > 0
