@@ -50,7 +50,7 @@ EXPECTED = {
     ("demo", "bc"): {"lr": 1e-3, "hparams.policy_layers": 2, "trainer.max_steps": 200},
     ("demo", "latent_rl"): {"lr": 3e-4, "rl.algorithm": "grpo", "rl.num_generations": 8, "rl.beta": 0.01,
                             "trainer.max_steps": 40},
-    ("demo", "token_rl"): {"lr": 1e-5, "rl.algorithm": "grpo", "rl.num_generations": 8, "trainer.max_steps": 40},
+    ("demo", "token_rl"): {"lr": 1e-4, "rl.algorithm": "grpo", "rl.num_generations": 8, "trainer.max_steps": 40},
     ("paper", "sft"): {"lr": 5e-5, "backbone_config.trainable": "top_n", "backbone_config.top_n_layers": 8,
                        "trainer.max_steps": 9000},
     ("paper", "projector"): {"lr": 1e-3, "trainer.max_steps": 156250},
