@@ -4,7 +4,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from latent_mca.models.transformer import CausalTransformer, CausalTransformerConfig, fast_linear, swiglu_hidden_size
+from latent_mca.models.kv_cache import fast_linear
+from latent_mca.models.transformer import CausalTransformer, CausalTransformerConfig, swiglu_hidden_size
 
 D = 32
 
@@ -271,10 +272,10 @@ def test_fast_linear_equals_the_layer_and_follows_weight_updates():
 
 
 def test_fast_linear_keeps_no_copy_of_a_large_weight(monkeypatch):
-    import latent_mca.models.transformer as transformer
+    import latent_mca.models.kv_cache as kv_cache
 
     small, large = torch.nn.Linear(D, D, bias=False), torch.nn.Linear(D, 4 * D, bias=False)
-    monkeypatch.setattr(transformer, "FAST_LINEAR_MAX_WEIGHT", D * D)
+    monkeypatch.setattr(kv_cache, "FAST_LINEAR_MAX_WEIGHT", D * D)
     with torch.no_grad():
         for layer in (small, large):
             torch.testing.assert_close(fast_linear(layer, torch.ones(2, D)), layer(torch.ones(2, D)))
