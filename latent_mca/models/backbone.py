@@ -232,6 +232,9 @@ class Backbone(nn.Module):
         self.processor = processor
         self._special: SpecialTokens | None = None
         self._uses_mrope = hasattr(self._decoder, "get_rope_index")
+        # transformers 5.24 renamed the KV cache argument and output field from `past_key_values` to `cache`.
+        decoder_args = inspect.signature(self._decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in decoder_args else "past_key_values"
         image_kw = inspect.signature(self._decoder.get_image_features).parameters
         self._image_feature_args = {n for n in image_kw if n not in ("self", "kwargs")}
         self.apply_trainable()
@@ -465,7 +468,7 @@ class Backbone(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{self._cache_kwarg: cache},
             use_cache=cache is not None,
             mm_encoder_outputs=mm,
             **extra,
@@ -507,7 +510,7 @@ class Backbone(nn.Module):
 
         cache = DynamicCache(config=self.model_config.get_text_config())
         out, next_pos = self._run(input_ids, attention_mask, vision or {}, cache=cache)
-        state = DecodeState(cache=out.past_key_values, attention_mask=attention_mask, next_position=next_pos)
+        state = DecodeState(cache=_returned_cache(out), attention_mask=attention_mask, next_position=next_pos)
         return out.last_hidden_state, state
 
     def step(self, token_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
@@ -526,8 +529,8 @@ class Backbone(nn.Module):
         if self._uses_mrope:
             pos = pos.unsqueeze(0).expand(3, -1, -1)  # (3, B, 1)
         out = self._decoder(input_ids=token_ids, attention_mask=mask, position_ids=pos,
-                            past_key_values=state.cache, use_cache=True)
-        new_state = DecodeState(cache=out.past_key_values, attention_mask=mask, next_position=state.next_position + 1)
+                            use_cache=True, **{self._cache_kwarg: state.cache})
+        new_state = DecodeState(cache=_returned_cache(out), attention_mask=mask, next_position=state.next_position + 1)
         return out.last_hidden_state, new_state
 
     @torch.no_grad()
@@ -592,6 +595,12 @@ class Backbone(nn.Module):
         model.save_pretrained(out_dir)
         if self.processor is not None:
             self.processor.save_pretrained(out_dir)
+
+
+def _returned_cache(out: Any) -> Any:
+    """The KV cache a decoder returned (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 class _NoTokenizer:
