@@ -40,7 +40,7 @@ NUM_CODES = 16
 
 #: Per demo config: overrides that make one run take seconds (``{n}`` = the number of steps).
 FAST: dict[str, list[str]] = {
-    "sft": ["--data.init_args.paired_batch_size=4", "--data.init_args.text_batch_size=4",
+    "sft": ["--data.init_args.batch_size=8",
             "--model.init_args.lr_scheduler.init_args.max_steps={n}",
             "--model.init_args.lr_scheduler.init_args.warmup_steps=2"],
     "projector": ["--data.init_args.batch_size=4", "--model.init_args.lr_scheduler.init_args.max_steps={n}"],

@@ -32,7 +32,7 @@ ON_THIS_MACHINE = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--traine
 
 #: Phase name -> (LightningModule, LightningDataModule), the same for the demo and the paper setting.
 CLASSES = {
-    "sft": (phases.SFTModule, data_modules.MixedDataModule),
+    "sft": (phases.SFTModule, data_modules.PairedImageTextDataModule),
     "projector": (phases.ProjectorModule, data_modules.PairedImageTextDataModule),
     "inverse_dynamics": (phases.InverseDynamicsModule, data_modules.MixedDataModule),
     "bc": (phases.BCModule, data_modules.MixedDataModule),
@@ -43,11 +43,12 @@ PAPER_SFT = (phases.SFTModule, data_modules.DialogueDataModule)  # the paper's S
 
 #: (setting, phase) -> {dotted hparam or attribute: value}; "lr" is read from the built optimiser.
 EXPECTED = {
-    ("demo", "sft"): {"lr": 3e-3, "backbone_config.trainable": "all", "trainer.max_steps": 500},
-    ("demo", "projector"): {"lr": 1e-3, "trainer.max_steps": 150},
+    ("demo", "sft"): {"lr": 1e-3, "backbone_config.trainable": "all", "backbone_config.train_vision": True,
+                      "trainer.max_steps": 1000},
+    ("demo", "projector"): {"lr": 1e-3, "trainer.max_steps": 100},
     ("demo", "inverse_dynamics"): {"lr": 1e-3, "hparams.num_codes": 128, "hparams.tau": 2.0,
-                                   "hparams.inverse_layers": 2, "trainer.max_steps": 300},
-    ("demo", "bc"): {"lr": 1e-3, "hparams.policy_layers": 2, "trainer.max_steps": 200},
+                                   "hparams.inverse_layers": 2, "trainer.max_steps": 200},
+    ("demo", "bc"): {"lr": 1e-3, "hparams.policy_layers": 2, "trainer.max_steps": 150},
     ("demo", "latent_rl"): {"lr": 3e-4, "rl.algorithm": "grpo", "rl.num_generations": 8, "rl.beta": 0.01,
                             "trainer.max_steps": 40},
     ("demo", "token_rl"): {"lr": 1e-4, "rl.algorithm": "grpo", "rl.num_generations": 8, "trainer.max_steps": 40},

@@ -245,9 +245,9 @@ def damage_world(run: Path, dest: Path) -> dict[str, str]:
 def test_damaged_samples_are_skipped_counted_and_the_run_completes(run_dir, tmp_path, monkeypatch, num_workers):
     expected = damage_world(run_dir, tmp_path / "world")
     world = tmp_path / "world"
-    name = f"sft_damaged{num_workers}"
+    name = f"inverse_damaged{num_workers}"
     steps = 8  # one epoch of the 32 text-only samples at 4 per batch
-    cli = fit_phase(run_dir, name, demo_config("sft"), [
+    cli = fit_phase(run_dir, name, demo_config("inverse_dynamics"), ["--model.init_args.init_from=null",
         f"--data.init_args.paired_train={world}/paired/train-{{000000..000006}}.tar",
         f"--data.init_args.paired_val={world}/paired/train-000007.tar",
         f"--data.init_args.text_train={world}/text_only",
