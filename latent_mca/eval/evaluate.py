@@ -77,6 +77,7 @@ class Generator:
 
     @torch.no_grad()
     def __call__(self, prompt: Any, sampling: Sampling, generator: torch.Generator) -> list[str]:
+        """``num_generations`` replies per prompt, grouped by prompt."""
         from latent_mca.models.agent import SamplingConfig
         from latent_mca.rl.advantages import completion_mask_from_eos
         from latent_mca.rl.update import decode_completions

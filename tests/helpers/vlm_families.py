@@ -43,8 +43,8 @@ def qwen2_vl(image_size: int = 56, seed: int = 0) -> Backbone:
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = _qwen_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                      "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
+    names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in names}
     pixels = image_size * image_size
     proc = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2),

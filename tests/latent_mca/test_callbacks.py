@@ -160,7 +160,8 @@ def test_guard_is_attached_by_the_cli_and_configurable(monkeypatch, tmp_path):
     from latent_mca.cli import lightning_main
 
     monkeypatch.chdir(tmp_path)
-    args = ["--model=tests.helpers.ds_toys.ToyPhase", "--data=tests.helpers.ds_toys.ToyBatches", "--trainer.logger=false"]
+    args = ["--model=tests.helpers.ds_toys.ToyPhase", "--data=tests.helpers.ds_toys.ToyBatches",
+            "--trainer.logger=false"]
     cli = lightning_main(args, run=False)
     guards = [cb for cb in cli.trainer.callbacks if isinstance(cb, NonFiniteGuard)]
     assert len(guards) == 1 and guards[0].max_consecutive == 10

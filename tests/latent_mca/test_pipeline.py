@@ -9,14 +9,15 @@ from latent_mca.cli import main
 
 FAST = ["--trainer.log_every_n_steps=1", "--data.init_args.num_workers=0", "--trainer.limit_val_batches=1"]
 STAGE1_DATA = ["--data.init_args.paired_batch_size=2", "--data.init_args.text_batch_size=2"]
-RL = ["--data.init_args.batch_size=2", "--model.init_args.rl.num_generations=2", "--model.init_args.rl.max_new_tokens=4"]
+RL = ["--data.init_args.batch_size=2", "--model.init_args.rl.num_generations=2",
+      "--model.init_args.rl.max_new_tokens=4"]
 
 
 def micro_pipeline(tmp_path, run_dir):
     phases = [
         {"name": "sft", "config": "configs/demo/sft.yaml",
-         "overrides": FAST + ["--data.init_args.batch_size=4", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                                            "--model.init_args.lr_scheduler.init_args.max_steps=2"]},
+         "overrides": FAST + ["--data.init_args.batch_size=4", "--trainer.max_steps=2",
+                              "--trainer.val_check_interval=2", "--model.init_args.lr_scheduler.init_args.max_steps=2"]},
         {"name": "projector", "config": "configs/demo/projector.yaml",
          "overrides": FAST + ["--data.init_args.batch_size=2", "--trainer.max_steps=2",
                               "--trainer.val_check_interval=2"]},

@@ -247,11 +247,12 @@ def test_damaged_samples_are_skipped_counted_and_the_run_completes(run_dir, tmp_
     world = tmp_path / "world"
     name = f"inverse_damaged{num_workers}"
     steps = 8  # one epoch of the 32 text-only samples at 4 per batch
-    cli = fit_phase(run_dir, name, demo_config("inverse_dynamics"), ["--model.init_args.init_from=null",
-        f"--data.init_args.paired_train={world}/paired/train-{{000000..000006}}.tar",
-        f"--data.init_args.paired_val={world}/paired/train-000007.tar",
-        f"--data.init_args.text_train={world}/text_only",
-        f"--data.init_args.num_workers={num_workers}", "--data.init_args.shuffle_buffer=0"], monkeypatch, steps=steps)
+    overrides = ["--model.init_args.init_from=null",
+                 f"--data.init_args.paired_train={world}/paired/train-{{000000..000006}}.tar",
+                 f"--data.init_args.paired_val={world}/paired/train-000007.tar",
+                 f"--data.init_args.text_train={world}/text_only",
+                 f"--data.init_args.num_workers={num_workers}", "--data.init_args.shuffle_buffer=0"]
+    cli = fit_phase(run_dir, name, demo_config("inverse_dynamics"), overrides, monkeypatch, steps=steps)
     assert cli.trainer.global_step == steps and is_complete(run_dir / name / "export")
     skipped = dict((name_, reason) for reason, name_ in cli.datamodule.skipped_samples)
     assert {k: skipped.get(k) for k in expected} == expected
