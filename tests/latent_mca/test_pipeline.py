@@ -17,7 +17,8 @@ def micro_pipeline(tmp_path, run_dir):
     phases = [
         {"name": "sft", "config": "configs/demo/sft.yaml",
          "overrides": FAST + ["--data.init_args.batch_size=4", "--trainer.max_steps=2",
-                              "--trainer.val_check_interval=2", "--model.init_args.lr_scheduler.init_args.max_steps=2"]},
+                              "--trainer.val_check_interval=2",
+                              "--model.init_args.lr_scheduler.init_args.max_steps=2"]},
         {"name": "projector", "config": "configs/demo/projector.yaml",
          "overrides": FAST + ["--data.init_args.batch_size=2", "--trainer.max_steps=2",
                               "--trainer.val_check_interval=2"]},
