@@ -331,10 +331,13 @@ class StreamingDataModule(LightningDataModule):
     def consumed_train_batches(self) -> int:
         """Training batches this rank has consumed since the start of training (drives exact resume).
 
-        Default: ``trainer.global_step * trainer.accumulate_grad_batches`` (one optimizer step per
-        accumulation window; the epoch length is a multiple of it). Override for manual optimization that
-        takes a different number of optimizer steps per batch.
+        The module's own count when it keeps one (``train_batches_seen``, checkpointed by every phase:
+        RL phases may take several optimizer steps per batch or several batches per step); otherwise
+        ``trainer.global_step * trainer.accumulate_grad_batches`` (one optimizer step per accumulation window).
         """
+        seen = getattr(self.trainer.lightning_module, "train_batches_seen", None)
+        if isinstance(seen, int):
+            return seen
         return self.trainer.global_step * self.trainer.accumulate_grad_batches
 
     def resolve(self, split: str) -> list[ResolvedSource]:

@@ -70,6 +70,64 @@ class ChatInputs:
         return ChatInputs(self.input_ids.repeat_interleave(repeats, dim=0),
                           self.attention_mask.repeat_interleave(repeats, dim=0), labels, vision)
 
+    def _image_chunks(self) -> list[Tensor] | None:
+        """Qwen-style flattened patches split per image (one image per row), or None for per-row tensors."""
+        grid = self.vision.get("image_grid_thw")
+        if grid is None or "pixel_values" not in self.vision:
+            return None
+        if grid.shape[0] != self.batch_size:
+            raise ValueError(f"flattened image patches need exactly one image per row: {grid.shape[0]} images "
+                             f"for {self.batch_size} rows")
+        return list(torch.split(self.vision["pixel_values"], grid.prod(-1).tolist()))
+
+    def select(self, rows: Tensor) -> ChatInputs:
+        """The given rows (a 1-D index tensor), image inputs included."""
+        rows = rows.to(self.input_ids.device)
+        chunks = self._image_chunks()
+        vision = {k: v[rows] for k, v in self.vision.items() if chunks is None or k != "pixel_values"}
+        if chunks is not None:
+            picked = [chunks[i] for i in rows.tolist()]
+            vision["pixel_values"] = torch.cat(picked) if picked else self.vision["pixel_values"][:0]
+        labels = None if self.labels is None else self.labels[rows]
+        return ChatInputs(self.input_ids[rows], self.attention_mask[rows], labels, vision)
+
+    @staticmethod
+    def cat(parts: list[ChatInputs], pad_token_id: int = 0) -> ChatInputs:
+        """Stack left-padded views of different lengths into one, padding each on the left.
+
+        Per-token tensors (``input_ids``, ``attention_mask``, ``labels`` and any vision tensor shaped like
+        ``input_ids``, e.g. ``mm_token_type_ids``) are left-padded to the longest part; other image tensors are
+        concatenated along dim 0 (flattened patches image by image).
+
+        Raises:
+            ValueError: If the parts do not carry the same image inputs.
+        """
+        if not parts:
+            raise ValueError("ChatInputs.cat needs at least one part")
+        keys = set(parts[0].vision)
+        if any(set(p.vision) != keys for p in parts):
+            raise ValueError(f"cannot stack views with different image inputs: {[sorted(p.vision) for p in parts]}")
+        length = max(p.input_ids.shape[1] for p in parts)
+
+        def left_pad(t: Tensor, width: int, value: int) -> Tensor:
+            return torch.nn.functional.pad(t, (length - width, 0), value=value)
+
+        def stack(get: Any, value: int) -> Tensor:
+            return torch.cat([left_pad(get(p), p.input_ids.shape[1], value) for p in parts])
+
+        vision = {}
+        for key in keys:
+            per_token = key not in ("pixel_values", "image_grid_thw")
+            if per_token and all(p.vision[key].shape == p.input_ids.shape for p in parts):
+                vision[key] = stack(lambda p, k=key: p.vision[k], 0)
+            else:
+                vision[key] = torch.cat([p.vision[key] for p in parts])
+        labels = None
+        if all(p.labels is not None for p in parts):
+            labels = stack(lambda p: p.labels, IGNORE_INDEX)
+        return ChatInputs(stack(lambda p: p.input_ids, pad_token_id), stack(lambda p: p.attention_mask, 0), labels,
+                          vision)
+
 
 @dataclass
 class PairedBatch:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latent_mca.batch import ChatInputs
@@ -97,6 +98,47 @@ class LatentRollout:
     def lengths(self) -> Tensor:
         """Reply lengths in tokens, ``(N,)``."""
         return self.mask.sum(-1)
+
+    def select(self, rows: Tensor) -> LatentRollout:
+        """The given rows (a 1-D index tensor); keep whole groups in order to keep ``num_samples`` meaningful."""
+        rows = rows.to(self.tokens.device)
+        return LatentRollout(self.prompt_states[rows], self.prompt_mask[rows], self.tokens[rows], self.mask[rows],
+                             self.states[rows], self.codes[rows], self.code_logp[rows], self.finished[rows],
+                             self.num_samples)
+
+    @staticmethod
+    def cat(parts: Sequence[LatentRollout]) -> LatentRollout:
+        """Stack rollouts of different prompt and reply lengths (DAPO's refilled batch).
+
+        Prompts stay left-padded (padded on the left to the longest), replies right-padded; padding is masked
+        out, so the policy's logits at real positions are those of each part alone.
+        """
+        if not parts:
+            raise ValueError("LatentRollout.cat needs at least one rollout")
+        if len({r.num_samples for r in parts}) != 1:
+            raise ValueError(f"cannot stack rollouts with different num_samples: {[r.num_samples for r in parts]}")
+        p = max(r.prompt_states.shape[1] for r in parts)
+        t = max(r.tokens.shape[1] for r in parts)
+
+        def left(x: Tensor, width: int) -> Tensor:  # pad dim 1 on the left up to `width`
+            pad = [0, 0] * (x.dim() - 2) + [width - x.shape[1], 0]
+            return F.pad(x, pad)
+
+        def right(x: Tensor, width: int) -> Tensor:  # pad dim 1 on the right up to `width`
+            pad = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
+            return F.pad(x, pad)
+
+        return LatentRollout(
+            prompt_states=torch.cat([left(r.prompt_states, p) for r in parts]),  # (N, P, d)
+            prompt_mask=torch.cat([left(r.prompt_mask, p) for r in parts]),
+            tokens=torch.cat([right(r.tokens, t) for r in parts]),  # (N, T)
+            mask=torch.cat([right(r.mask, t) for r in parts]),
+            states=torch.cat([right(r.states, t) for r in parts]),  # (N, T, d)
+            codes=torch.cat([right(r.codes, t) for r in parts]),
+            code_logp=torch.cat([right(r.code_logp, t) for r in parts]),
+            finished=torch.cat([r.finished for r in parts]),
+            num_samples=parts[0].num_samples,
+        )
 
     def policy_inputs(self) -> tuple[Tensor, Tensor, int]:
         """The state sequence the policy read, its mask, and where the code logits start.

@@ -72,6 +72,11 @@ class BackboneConfig:
     trust_remote_code: bool = False
 
 
+# Phase hyper-parameters (and so Lightning checkpoints) hold this dataclass: allow it when a checkpoint is resumed
+# with torch.load(weights_only=True), Lightning's default.
+torch.serialization.add_safe_globals([BackboneConfig])
+
+
 @dataclass
 class DecodeState:
     """Everything needed to extend a batch of sequences by one token.

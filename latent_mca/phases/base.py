@@ -24,6 +24,7 @@ from latent_mca.checkpoint import PhaseExport, load_phase, mark_complete, save_p
 from latent_mca.models.backbone import Backbone, BackboneConfig
 
 BACKBONE_PREFIX = "backbone."
+BATCHES_KEY = "latent_mca_train_batches_seen"
 
 
 class PhaseModule(L.LightningModule):
@@ -54,6 +55,10 @@ class PhaseModule(L.LightningModule):
         self.parent: PhaseExport | None = None
         # Frozen backbone weights are not in checkpoints; on_load_checkpoint checks the rest strictly.
         self.strict_loading = False
+        # Training batches drawn so far (checkpointed): the data position on resume. It differs from
+        # global_step when an RL phase takes several optimiser steps per batch (num_iterations) or samples
+        # several batches per step (DAPO dynamic sampling).
+        self.train_batches_seen = 0
 
     # ------------------------------------------------------------------ construction
     def configure_model(self) -> None:
@@ -94,6 +99,10 @@ class PhaseModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Count the batch before any checkpoint of this step is written."""
+        self.train_batches_seen += 1
+
     # ------------------------------------------------------------------ checkpoints and export
     @property
     def backbone_frozen(self) -> bool:
@@ -101,14 +110,20 @@ class PhaseModule(L.LightningModule):
         return self.backbone_config.trainable == "none"
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop a frozen backbone from the checkpoint (it is referenced by path)."""
+        """Drop a frozen backbone from the checkpoint (it is referenced by path); record the data position."""
+        checkpoint[BATCHES_KEY] = self.train_batches_seen
         if self.backbone_frozen:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(BACKBONE_PREFIX)]:
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint holds every non-backbone weight of this module."""
+        """Check that the checkpoint holds every non-backbone weight of this module; restore the data position.
+
+        Checkpoints written before the batch counter existed count one batch per optimiser step.
+        """
+        accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+        self.train_batches_seen = int(checkpoint.get(BATCHES_KEY, checkpoint.get("global_step", 0) * accumulate))
         expected = {k for k in self.state_dict() if not (self.backbone_frozen and k.startswith(BACKBONE_PREFIX))}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:

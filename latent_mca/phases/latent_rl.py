@@ -38,13 +38,16 @@ from latent_mca.models import (
 )
 from latent_mca.models.agent import LatentAgent, LatentRollout, SamplingConfig
 from latent_mca.phases.base import PhaseModule
+from latent_mca.rl.dynamic import GroupRefill
 from latent_mca.rl.rewards.base import RewardFunction
 from latent_mca.rl.update import (
     RLConfig,
     decode_completions,
+    gather_rows,
     log_step,
     optimise,
     prepare_advantages,
+    refill,
     score_rollouts,
 )
 
@@ -147,14 +150,29 @@ class LatentRLModule(PhaseModule):
         return logp.clamp_min(LOGP_FLOOR)
 
     def training_step(self, batch: DialogueBatch, batch_idx: int) -> None:
-        """Rollout, reward, advantages, then ``rl.num_iterations`` policy updates."""
+        """Rollout, reward, advantages, then ``rl.num_iterations`` policy updates.
+
+        Under DAPO dynamic sampling a step may only sample: its informative groups wait in
+        :attr:`refill_buffer` until a batch worth of them (or ``rl.dynamic_sampling_max_batches`` batches)
+        has been drawn.
+        """
         cfg, g = self.rl, self.rl.num_generations
         self.policy.eval()
         rollout = self.agent.generate(batch.prompt, self.sampling, num_samples=g)
         self.policy.train()
         texts = decode_completions(self.backbone.tokenizer, rollout.tokens, rollout.mask)
         rewards = score_rollouts(self.reward, batch, texts, g).to(self.device)
-        adv = prepare_advantages(rewards, rollout.lengths, rollout.finished, cfg, gather=self._gather)
+        sampled = None
+        if cfg.dynamic_sampling:
+            filled = refill(self, self.refill_buffer, rollout, rewards, rollout.lengths, rollout.finished,
+                            batch.batch_size)
+            if filled is None:
+                return
+            rollout, rewards, sampled = filled.payload, filled.rewards, filled.stats
+        rows = batch.batch_size * g
+        adv = prepare_advantages(rewards, rollout.lengths, rollout.finished, cfg,
+                                 gather=lambda v: gather_rows(self, v, rows))
+        adv.stats.update(sampled or {})
         mask = rollout.mask * adv.row_mask[:, None].to(rollout.mask)  # (N, T)
         old = rollout.code_logp.clamp_min(LOGP_FLOOR)
         ref = None
@@ -162,10 +180,20 @@ class LatentRLModule(PhaseModule):
             with torch.no_grad():
                 ref = self.code_logp(self.ref_policy, rollout)
         loss, stats = optimise(self, lambda: self.code_logp(self.policy, rollout), old, ref, adv, mask, cfg)
-        log_step(self, loss, adv, stats, self.reward, len(texts))
+        log_step(self, loss, adv, stats, self.reward, rows)
         usage = code_usage_stats(rollout.codes, self.codebook.num_codes, rollout.mask.bool())
         self.log_dict({"train/codes_used": usage["used"], "train/code_perplexity": usage["perplexity"]},
-                      batch_size=len(texts))
+                      batch_size=rows)
 
-    def _gather(self, values: Tensor) -> Tensor:
-        return self.all_gather(values).reshape(-1) if self.trainer.world_size > 1 else values
+    @property
+    def refill_buffer(self) -> GroupRefill[LatentRollout]:
+        """The DAPO buffer of informative groups across batches (created on first use)."""
+        if getattr(self, "_refill", None) is None:
+            self._refill = GroupRefill(self.rl.num_generations, self.rl.dynamic_sampling_max_batches,
+                                       select=_select_groups, cat=LatentRollout.cat)
+        return self._refill
+
+
+def _select_groups(rollout: LatentRollout, groups: Tensor) -> LatentRollout:
+    g = rollout.num_samples
+    return rollout.select((groups[:, None] * g + torch.arange(g, device=groups.device)).flatten())

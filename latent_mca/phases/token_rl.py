@@ -17,22 +17,27 @@ import copy
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latent_mca.batch import ChatInputs, DialogueBatch
 from latent_mca.models import Backbone, BackboneConfig, processed_logprobs
 from latent_mca.phases.base import PhaseModule
 from latent_mca.rl.advantages import completion_mask_from_eos
+from latent_mca.rl.dynamic import GroupRefill
 from latent_mca.rl.rewards.base import RewardFunction
 from latent_mca.rl.update import (
     RLConfig,
     decode_completions,
+    gather_rows,
     log_step,
     optimise,
     prepare_advantages,
+    refill,
     score_rollouts,
 )
 
@@ -82,6 +87,7 @@ class TokenRLModule(PhaseModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The reference is rebuilt from the initial checkpoint, never stored."""
+        super().on_save_checkpoint(checkpoint)
         for key in [k for k in checkpoint["state_dict"] if k.startswith("ref_backbone.")]:
             del checkpoint["state_dict"][key]
 
@@ -110,7 +116,10 @@ class TokenRLModule(PhaseModule):
         return logp.gather(-1, completion.unsqueeze(-1)).squeeze(-1).clamp_min(LOGP_FLOOR)
 
     def training_step(self, batch: DialogueBatch, batch_idx: int) -> None:
-        """Rollout with ``generate``, reward, advantages, then ``rl.num_iterations`` backbone updates."""
+        """Rollout with ``generate``, reward, advantages, then ``rl.num_iterations`` backbone updates.
+
+        Under DAPO dynamic sampling a step may only sample (see :class:`~latent_mca.rl.dynamic.GroupRefill`).
+        """
         cfg, g, prompt = self.rl, self.rl.num_generations, batch.prompt
         completion = self.backbone.generate(prompt.input_ids, prompt.attention_mask, prompt.vision,
                                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -120,7 +129,17 @@ class TokenRLModule(PhaseModule):
         finished = (is_eos & mask.bool()).any(-1)
         texts = decode_completions(self.backbone.tokenizer, completion, mask)
         rewards = score_rollouts(self.reward, batch, texts, g).to(self.device)
-        adv = prepare_advantages(rewards, mask.sum(-1), finished, cfg, gather=self._gather)
+        sampled = None
+        if cfg.dynamic_sampling:
+            filled = refill(self, self.refill_buffer, _TokenRollout(prompt, completion, mask), rewards,
+                            mask.sum(-1), finished, batch.batch_size)
+            if filled is None:
+                return
+            (prompt, completion, mask), rewards, finished, sampled = (filled.payload, filled.rewards,
+                                                                      filled.finished, filled.stats)
+        rows = batch.batch_size * g
+        adv = prepare_advantages(rewards, mask.sum(-1), finished, cfg, gather=lambda v: gather_rows(self, v, rows))
+        adv.stats.update(sampled or {})
         loss_mask = mask * adv.row_mask[:, None].to(mask)
         rep = prompt.repeat_interleave(g)
         full = _append(rep, completion, mask)
@@ -134,10 +153,37 @@ class TokenRLModule(PhaseModule):
                     ref = self.token_logp(reference, full, p, completion)
         loss, stats = optimise(self, lambda: self.token_logp(self.backbone, full, p, completion), old, ref, adv,
                                loss_mask, cfg)
-        log_step(self, loss, adv, stats, self.reward, len(texts))
+        log_step(self, loss, adv, stats, self.reward, rows)
 
-    def _gather(self, values: Tensor) -> Tensor:
-        return self.all_gather(values).reshape(-1) if self.trainer.world_size > 1 else values
+    @property
+    def refill_buffer(self) -> GroupRefill[_TokenRollout]:
+        """The DAPO buffer of informative groups across batches (created on first use)."""
+        if getattr(self, "_refill", None) is None:
+            pad = self.backbone.tokenizer.pad_token_id
+            self._refill = GroupRefill(self.rl.num_generations, self.rl.dynamic_sampling_max_batches,
+                                       select=lambda r, groups: r.select(groups, self.rl.num_generations),
+                                       cat=lambda parts: _TokenRollout.cat(parts, 0 if pad is None else pad))
+        return self._refill
+
+
+class _TokenRollout(NamedTuple):
+    """What dynamic sampling keeps of a token rollout: prompts ``(B, P)`` and completions ``(B * G, T)``."""
+
+    prompt: ChatInputs
+    completion: Tensor
+    mask: Tensor
+
+    def select(self, groups: Tensor, g: int) -> _TokenRollout:
+        rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()  # (groups * G,)
+        return _TokenRollout(self.prompt.select(groups), self.completion[rows], self.mask[rows])
+
+    @staticmethod
+    def cat(parts: list[_TokenRollout], pad_token_id: int) -> _TokenRollout:
+        t = max(r.completion.shape[1] for r in parts)
+        completion = torch.cat([F.pad(r.completion, (0, t - r.completion.shape[1]), value=pad_token_id)
+                                for r in parts])  # (N, T): right-padded, masked
+        mask = torch.cat([F.pad(r.mask, (0, t - r.mask.shape[1])) for r in parts])
+        return _TokenRollout(ChatInputs.cat([r.prompt for r in parts], pad_token_id), completion, mask)
 
 
 def _append(prompt: ChatInputs, completion: Tensor, mask: Tensor) -> ChatInputs:

@@ -8,7 +8,6 @@ The algorithm is one config key (``rl.algorithm``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from latent_mca.rl.advantages import (
     overlong_penalty,
     valid_reward_mask,
 )
+from latent_mca.rl.dynamic import GroupRefill, Refilled
 from latent_mca.rl.losses import Algorithm
 from latent_mca.rl.rewards.base import RewardFunction, RewardInput
 
@@ -45,7 +45,10 @@ class RLConfig:
         scale_rewards: ``group``, ``batch`` or ``none`` (None: the algorithm's default; Dr.GRPO uses none).
         num_iterations: Optimiser steps per rollout batch (PPO-style reuse with the rollout's log-probs as old).
         mask_truncated_completions: Drop completions that hit the length limit from the loss.
-        dynamic_sampling: Drop groups whose rewards are all equal and refill from the next prompts (DAPO).
+        dynamic_sampling: Drop groups whose rewards are all equal and refill the update from the next data
+            batches (DAPO; :mod:`latent_mca.rl.dynamic`). ``max_steps`` then counts updates, not batches.
+        dynamic_sampling_max_batches: Data batches drawn at most for one update under dynamic sampling; when
+            reached, the update uses the groups kept so far (the shortfall is logged as ``train/groups_short``).
         overlong_cache: Soft overlong penalty window L_cache in tokens (0: off; DAPO uses it).
     """
 
@@ -62,6 +65,7 @@ class RLConfig:
     num_iterations: int = 1
     mask_truncated_completions: bool = False
     dynamic_sampling: bool = False
+    dynamic_sampling_max_batches: int = 3
     overlong_cache: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class RLConfig:
             raise ValueError("rl.num_generations must be >= 2: group-relative advantages need a group")
         if self.num_iterations < 1:
             raise ValueError("rl.num_iterations must be >= 1")
+        if self.dynamic_sampling_max_batches < 1:
+            raise ValueError("rl.dynamic_sampling_max_batches must be >= 1")
         if not 0 <= self.overlong_cache < self.max_new_tokens:
             raise ValueError("rl.overlong_cache must be in [0, max_new_tokens)")
 
@@ -76,6 +82,11 @@ class RLConfig:
     def scale(self) -> str:
         """The advantage scaling actually used."""
         return self.scale_rewards or DEFAULT_SCALE[self.algorithm]
+
+
+# Phase hyper-parameters (and so Lightning checkpoints) hold this dataclass: allow it when a checkpoint is resumed
+# with torch.load(weights_only=True), Lightning's default.
+torch.serialization.add_safe_globals([RLConfig])
 
 
 def reward_inputs(batch: DialogueBatch, completions: Sequence[str], group_size: int) -> list[RewardInput]:
@@ -148,7 +159,7 @@ def prepare_advantages(rewards: Tensor, lengths: Tensor, finished: Tensor, cfg: 
     row_mask = valid_reward_mask(rewards)
     kept_groups = torch.ones_like(row_mask)
     if cfg.dynamic_sampling:
-        kept_groups = dynamic_sampling_mask(torch.nan_to_num(rewards, nan=math.inf), g)
+        kept_groups = dynamic_sampling_mask(rewards, g)
         row_mask = row_mask & kept_groups
     if cfg.mask_truncated_completions:
         row_mask = row_mask & finished.bool()
@@ -223,3 +234,35 @@ def log_step(module: Any, loss: Tensor, adv: Advantages, stats: dict[str, Tensor
     numeric = {f"reward/{k}": float(v) for k, v in counters.items() if isinstance(v, int | float)}
     if numeric:  # judge failures, retries, breaker trips... visible next to the reward they explain
         module.log_dict(numeric, batch_size=rows)
+
+
+def refill(module: Any, buffer: GroupRefill, payload: Any, rewards: Tensor, lengths: Tensor, finished: Tensor,
+           target_groups: int) -> Refilled | None:
+    """DAPO dynamic sampling step: add a rollout's informative groups; the update batch once every rank is ready.
+
+    Ranks decide together (an update runs collective calls), so a rank that is ready keeps sampling until all
+    are; ``rl.dynamic_sampling_max_batches`` bounds the wait on every rank alike.
+
+    Returns:
+        The assembled batch, or None when this step only samples (no optimiser step, ``global_step`` stays).
+    """
+    buffer.add(payload, rewards, lengths, finished)
+    waiting = torch.tensor(float(not buffer.ready(target_groups)), device=rewards.device)
+    if float(module.trainer.strategy.reduce(waiting, reduce_op="sum")) > 0:
+        module.log("train/sampling_kept_groups", float(buffer.kept_groups), batch_size=int(rewards.numel()))
+        return None
+    return buffer.pop(target_groups)
+
+
+def gather_rows(module: Any, values: Tensor, rows: int) -> Tensor:
+    """Per-row values of every rank, flattened, each rank's NaN-padded to ``rows`` first.
+
+    Ranks may hold different numbers of rows under dynamic sampling; NaN rows are ignored wherever these are
+    pooled (batch-scaled advantages).
+    """
+    if module.trainer.world_size == 1:
+        return values
+    if values.numel() > rows:
+        raise ValueError(f"{values.numel()} rows exceed the gather size {rows}")
+    padded = torch.cat([values, values.new_full((rows - values.numel(),), float("nan"))])
+    return module.all_gather(padded).reshape(-1)

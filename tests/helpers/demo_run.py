@@ -176,6 +176,29 @@ class AlternatingReward(RewardFunction):
         return [float(i % 2 == 0) for i in range(len(inputs))]
 
 
+class OneGroupTies(RewardFunction):
+    """Alternating rewards, except that one group per call ties (group 0, then 1, then 0, ...).
+
+    Every call has exactly one uninformative group, so DAPO's dynamic sampling keeps half the groups of each
+    batch and needs two batches of two prompts to fill one update.
+    """
+
+    name = "one_group_ties"
+
+    def __init__(self, group_size: int) -> None:
+        self.group_size = group_size
+        self.calls = 0
+
+    def __call__(self, inputs: Sequence[RewardInput]) -> list[float]:
+        """Score by position and call count only."""
+        tie, self.calls = self.calls % 2, self.calls + 1
+        out = []
+        for i in range(len(inputs)):
+            group, j = divmod(i, self.group_size)
+            out.append(0.5 if group == tie else float(j % 2 == 0))
+        return out
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every named parameter (shared tensors listed once)."""
     return {name: p.detach().clone() for name, p in module.named_parameters()}

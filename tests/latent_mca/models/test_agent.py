@@ -165,3 +165,33 @@ def test_policy_logits_ignore_a_wrong_group_hint(agent, prompts):
     with torch.no_grad():
         torch.testing.assert_close(mixed.policy_logits(agent.policy), repeated_prompt_logits(agent.policy, mixed),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_rollouts_of_different_lengths_stack_into_one_update_batch(agent, prompts):
+    """DAPO's refill stacks rollouts of different prompt and reply lengths: each part keeps its logits."""
+    from latent_mca.batch import ChatInputs
+    from latent_mca.models.agent import LatentRollout
+
+    r = int(prompts.attention_mask.sum(1).argmin())  # the shorter prompt, without its left padding
+    pad = int((prompts.attention_mask[r] == 0).sum())
+    assert pad > 0
+    one = prompts.select(torch.tensor([r]))
+    short = ChatInputs(one.input_ids[:, pad:], one.attention_mask[:, pad:],
+                       vision=dict(one.vision, mm_token_type_ids=one.vision["mm_token_type_ids"][:, pad:]))
+    a = agent.generate(prompts, SamplingConfig(max_new_tokens=5, top_k=4), num_samples=2,
+                       generator=torch.Generator().manual_seed(5))
+    b = agent.generate(short, SamplingConfig(max_new_tokens=3, top_k=4), num_samples=2,
+                       generator=torch.Generator().manual_seed(6))
+    assert a.prompt_states.shape[1] > b.prompt_states.shape[1] and a.tokens.shape[1] > b.tokens.shape[1]
+    kept = LatentRollout.cat([a.select(torch.tensor([2, 3])), b])  # group 1 of a, then b's only group
+    assert kept.tokens.shape == (4, 5) and kept.prompt_group_size() == 2
+    assert torch.equal(kept.mask[2:, 3:], torch.zeros(2, 2, dtype=kept.mask.dtype))  # right padding is masked
+    assert torch.equal(kept.prompt_mask[2:, :pad], torch.zeros(2, pad, dtype=kept.prompt_mask.dtype))  # left pad
+    with torch.no_grad():
+        together = kept.policy_logits(agent.policy)
+        alone = [a.policy_logits(agent.policy)[2:], b.policy_logits(agent.policy)]
+    live = kept.mask.bool()
+    torch.testing.assert_close(together[:2][live[:2]], alone[0][live[:2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together[2:, :3][live[2:, :3]], alone[1][live[2:, :3]], rtol=1e-5, atol=1e-5)
+    logp = code_logprobs(together, kept.codes, 1.0, 4)
+    torch.testing.assert_close(logp[live], kept.code_logp[live], rtol=1e-4, atol=1e-5)

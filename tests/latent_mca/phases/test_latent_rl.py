@@ -11,6 +11,7 @@ from latent_mca.phases import LatentRLModule
 from latent_mca.rl.update import RLConfig
 from tests.helpers.demo_run import (
     AlternatingReward,
+    OneGroupTies,
     adamw,
     backbone_untouched,
     build_demo_run,
@@ -64,6 +65,35 @@ def test_one_latent_rl_step_changes_only_the_policy(bc_run, tmp_path):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs), f"latent RL changed the frozen {name}"
     mine, theirs = export.state_dict("policy"), parent.state_dict("policy")
     assert not all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def test_dapo_dynamic_sampling_refills_each_update_from_the_next_batches(bc_run, tmp_path):
+    """Each batch of 2 prompts has one tying group: every update draws 2 batches and uses their 2 kept groups."""
+    run = bc_run.run_dir
+    reward = OneGroupTies(group_size=2)
+    rl = RLConfig(algorithm="dapo", num_generations=2, max_new_tokens=6, dynamic_sampling=True)
+    module = LatentRLModule(BackboneConfig(path=str(run / "sft" / "export")), init_from=str(bc_run.export),
+                            reward=reward, rl=rl, optimizer=adamw(), export_dir=str(tmp_path / "export"))
+    module.configure_model()
+    before = snapshot(module)
+    data = dialogue_data(run)
+    trainer = tiny_trainer(tmp_path, steps=2)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2 and reward.calls == 4  # max_steps counts updates; 2 batches each
+    assert module.train_batches_seen == 4 and data.consumed_train_batches() == 4  # the data position follows
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/sampling_batches"]) == 2 and float(metrics["train/groups_kept"]) == 0.5
+    assert float(metrics["train/groups_short"]) == 0
+    assert any(changed(before, module)[n] for n in before if n.startswith("policy."))
+    # The batch count travels in the checkpoint: a resumed run continues from batch 4, not from global_step 2.
+    trainer.save_checkpoint(tmp_path / "step2.ckpt")
+    assert torch.load(tmp_path / "step2.ckpt", weights_only=False)["latent_mca_train_batches_seen"] == 4
+    resumed = LatentRLModule(BackboneConfig(path=str(run / "sft" / "export")), init_from=str(bc_run.export),
+                             reward=reward, rl=rl, optimizer=adamw(), export_dir=str(tmp_path / "export"))
+    data = dialogue_data(run)
+    trainer = tiny_trainer(tmp_path, steps=3)
+    trainer.fit(resumed, datamodule=data, ckpt_path=tmp_path / "step2.ckpt")
+    assert trainer.global_step == 3 and resumed.train_batches_seen == 6 and reward.calls == 6
 
 
 def reward_change(run_dir, name, k):

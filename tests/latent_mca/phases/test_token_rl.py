@@ -9,6 +9,7 @@ from latent_mca.phases import TokenRLModule
 from latent_mca.rl.update import RLConfig
 from tests.helpers.demo_run import (
     AlternatingReward,
+    OneGroupTies,
     adamw,
     changed,
     dialogue_data,
@@ -48,3 +49,18 @@ def test_one_token_rl_step_changes_every_trainable_backbone_weight(sft_run, tmp_
     reference = {n for n in frozen if n.startswith("ref_backbone.")}
     assert reference and any(".visual." in n for n in frozen - reference)
     assert not any(moved[n] for n in frozen), sorted(n for n in frozen if moved[n])
+
+
+def test_token_dapo_dynamic_sampling_refills_each_update_from_the_next_batches(sft_run, tmp_path):
+    reward = OneGroupTies(group_size=2)
+    rl = RLConfig(algorithm="dapo", num_generations=2, max_new_tokens=6, dynamic_sampling=True)
+    module = TokenRLModule(BackboneConfig(path=str(sft_run.export), trainable="all"), reward=reward, rl=rl,
+                           optimizer=adamw(), export_dir=str(tmp_path / "export"))
+    module.configure_model()
+    before = snapshot(module)
+    data = dialogue_data(sft_run.run_dir)
+    trainer = tiny_trainer(tmp_path, steps=1)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 1 and reward.calls == 2 and module.train_batches_seen == 2
+    assert float(trainer.callback_metrics["train/sampling_batches"]) == 2
+    assert any(changed(before, module).values())
