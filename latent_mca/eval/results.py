@@ -62,6 +62,28 @@ def _table(rows: list[dict[str, Any]], metric: str) -> str:
     return markdown_table(out, cols)
 
 
+#: Final validation metrics of the stage-1 phases reported per phase (ablations included): the world model's
+#: next-token accuracy when driven by the inverse model's codes vs the frozen base model's, and codebook usage.
+PHASE_METRICS: dict[str, tuple[str, ...]] = {
+    "inverse_dynamics": ("val/mm_base_acc", "val/mm_wm_acc", "val/mm_wm_gain", "val/codes_used",
+                         "val/code_perplexity"),
+    "bc": ("val/mm_bc_acc", "val/mm_policy_wm_acc", "val/codes_used"),
+}
+
+
+def phase_rows(per_seed: dict[int, dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Per phase whose name starts with ``kind``: each of ``PHASE_METRICS[kind]`` as mean ± std over seeds."""
+    names = sorted({p for s in per_seed.values() for p in s["phases"] if p.startswith(kind)})
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"phase": name}
+        for metric in PHASE_METRICS[kind]:
+            values = [s["phases"][name]["metrics"].get(metric) for s in per_seed.values() if name in s["phases"]]
+            row[metric] = fmt_mean_std(*_mean_std([v for v in values if v is not None]))
+        rows.append(row)
+    return rows
+
+
 def _scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -157,8 +179,14 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
         f"## Judge score ratio ({len(seeds)} seeds: mean ± std over seeds)", "", _table(rows, "ratio"), "",
         "## Rollout semantic diversity (1 + mean pairwise cosine distance, TF-IDF encoder)", "",
         _table(rows, "diversity"), "", "## distinct-2", "", _table(rows, "distinct_2"), "",
+        "## Stage 1: inverse dynamics and world model (final validation metrics, mean ± std over seeds)", "",
+        markdown_table(phase_rows(per_seed, "inverse_dynamics"), ["phase", *PHASE_METRICS["inverse_dynamics"]]),
+        "", "## Behaviour cloning (final validation metrics, mean ± std over seeds)", "",
+        markdown_table(phase_rows(per_seed, "bc"), ["phase", *PHASE_METRICS["bc"]]), "",
         "Plots: reward_curves.png, codes_used.png, ratio.png, diversity.png", ""])
     (out_dir / "results.md").write_text(text)
-    (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "rows": rows}, indent=2, default=str))
+    phases = {kind: phase_rows(per_seed, kind) for kind in PHASE_METRICS}
+    (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "rows": rows, "phases": phases}, indent=2,
+                                                     default=str))
     print(text)
     return {"rows": rows}
