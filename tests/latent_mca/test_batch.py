@@ -38,8 +38,8 @@ def test_cat_left_pads_per_token_tensors_and_concatenates_images():
     assert both.vision["pixel_values"][:, 0].tolist() == [0.0, 1.0, 1.0, 100.0, 100.0, 100.0]
     # Round trip: selecting a part's rows back out gives that part (up to the extra left padding).
     back = both.select(torch.tensor([2]))
-    assert torch.equal(back.input_ids, b.input_ids) and torch.equal(back.vision["pixel_values"],
-                                                                     b.vision["pixel_values"])
+    assert torch.equal(back.input_ids, b.input_ids)
+    assert torch.equal(back.vision["pixel_values"], b.vision["pixel_values"])
 
 
 def test_cat_refuses_views_with_different_image_inputs():

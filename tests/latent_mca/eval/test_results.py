@@ -4,8 +4,9 @@ from latent_mca.eval.results import _table, aggregate, phase_rows
 
 
 def summary(ratio_id, ratio_ood, gain, codes):
-    block = lambda r: {"ratio": {"mean": r, "std": 0.01}, "diversity": {"semantic_diversity": 1.0 + r,  # noqa: E731
-                                                                         "distinct_2": r / 2}}
+    def block(r):
+        return {"ratio": {"mean": r, "std": 0.01}, "diversity": {"semantic_diversity": 1.0 + r, "distinct_2": r / 2}}
+
     return {"eval": [{"agent": "SFT", "test_id": block(ratio_id), "test_ood": block(ratio_ood)}],
             "phases": {"inverse_dynamics": {"metrics": {"val/mm_wm_gain": gain, "val/codes_used": codes}},
                        "inverse_dynamics_no_text": {"metrics": {"val/mm_wm_gain": gain / 2}}}}

@@ -168,7 +168,7 @@ def test_policy_logits_ignore_a_wrong_group_hint(agent, prompts):
 
 
 def test_rollouts_of_different_lengths_stack_into_one_update_batch(agent, prompts):
-    """DAPO's refill stacks rollouts of different prompt and reply lengths: each part keeps its logits."""
+    """The DAPO refill stacks rollouts of different prompt and reply lengths: each part keeps its logits."""
     from latent_mca.batch import ChatInputs
     from latent_mca.models.agent import LatentRollout
 

@@ -96,6 +96,19 @@ def test_dapo_dynamic_sampling_refills_each_update_from_the_next_batches(bc_run,
     assert trainer.global_step == 3 and resumed.train_batches_seen == 6 and reward.calls == 6
 
 
+def test_ppo_reuse_advances_the_data_by_batches_not_optimiser_steps(bc_run, tmp_path):
+    """num_iterations = 2: two optimiser steps per batch, so 4 steps read 2 batches (and resume at batch 2)."""
+    run = bc_run.run_dir
+    module = LatentRLModule(BackboneConfig(path=str(run / "sft" / "export")), init_from=str(bc_run.export),
+                            reward=AlternatingReward(), rl=RLConfig(num_generations=2, max_new_tokens=4,
+                                                                    num_iterations=2),
+                            optimizer=adamw(), export_dir=str(tmp_path / "export"))
+    data = dialogue_data(run)
+    trainer = tiny_trainer(tmp_path, steps=4)
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4 and module.train_batches_seen == 2 and data.consumed_train_batches() == 2
+
+
 def reward_change(run_dir, name, k):
     rewards = [v for _, v in read_scalars(run_dir, name)["train/reward"]]
     return sum(rewards[-k:]) / k - sum(rewards[:k]) / k
