@@ -54,3 +54,26 @@ def test_inverse_dynamics_on_two_ddp_ranks(tmp_path):
     assert exports == [run / PHASE / "export"], "rank 0 alone writes the export"
     assert json.loads((run / PHASE / "export" / "export_complete.json").read_text())["global_step"] == steps
     assert [p.name for p in (run / "logs" / PHASE).iterdir()] == ["version_0"], "one TensorBoard run"
+
+
+@pytest.mark.slow
+def test_dapo_dynamic_sampling_on_two_ddp_ranks_updates_in_step(tmp_path):
+    """Rank 0 fills its update in one draw, rank 1 needs two and stays short: both update after two draws."""
+    from tests.helpers.demo_run import demo_config, fit_phase
+
+    run = build_demo_run(tmp_path / "run", seed=0, world=WORLD, backbone=BACKBONE)
+    with pytest.MonkeyPatch.context() as mp:
+        for phase in ("projector", "inverse_dynamics", "bc"):
+            fit_phase(run, phase, demo_config(phase), monkeypatch=mp, steps=2)
+    out, steps = tmp_path / "keys", 2
+    env = {**os.environ, "LATENT_MCA_RUN_DIR": str(run), "LATENT_MCA_PHASE": "latent_rl_ddp", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "helpers" / "ddp_rl_run.py"), str(run), str(out),
+                           str(steps)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = [json.loads((out / f"keys_rank{r}.json").read_text()) for r in range(2)]
+    assert [r["global_step"] for r in ranks] == [steps, steps]  # max_steps counts updates
+    assert [len(r["batches"]) for r in ranks] == [2 * steps, 2 * steps]  # two draws per update on both ranks
+    drawn = [{k for batch in r["batches"] for k in batch} for r in ranks]
+    assert not drawn[0] & drawn[1], "the ranks drew disjoint prompts"
+    assert (run / "latent_rl_ddp" / "export" / "export_complete.json").exists()
