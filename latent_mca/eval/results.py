@@ -62,6 +62,35 @@ def _table(rows: list[dict[str, Any]], metric: str) -> str:
     return markdown_table(out, cols)
 
 
+def paired_rows(per_seed: dict[int, dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
+    """Per agent and split: its ratio minus the baseline agent's on the same seed, mean ± std over seeds.
+
+    Seeds change the world, the backbone's initialisation and every phase, and move all agents together; the
+    paired difference removes that shared part.
+    """
+    def ratios(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+        return {r["agent"]: {k: v["ratio"]["mean"] for k, v in r.items() if isinstance(v, dict) and "ratio" in v}
+                for r in summary["eval"]}
+
+    by_seed = [ratios(s) for s in per_seed.values()]
+    agents = list(dict.fromkeys(a for r in by_seed for a in r))
+    splits = sorted({k for r in by_seed for a in r.values() for k in a})
+    rows = []
+    for agent in agents:
+        if agent == baseline:
+            continue
+        row: dict[str, Any] = {"agent": agent}
+        for split in splits:
+            diffs = [r[agent][split] - r[baseline][split] for r in by_seed
+                     if split in r.get(agent, {}) and split in r.get(baseline, {})]
+            mean, std = _mean_std(diffs)
+            cell = fmt_mean_std(mean, std)
+            row[split] = f"+{cell}" if not math.isnan(mean) and mean >= 0 else cell
+            row[f"{split} seeds better"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+        rows.append(row)
+    return rows
+
+
 #: Final validation metrics of the stage-1 phases reported per phase (ablations included): the world model's
 #: next-token accuracy when driven by the inverse model's codes vs the frozen base model's, and codebook usage.
 PHASE_METRICS: dict[str, tuple[str, ...]] = {
@@ -95,6 +124,38 @@ def _scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
         if tag in ea.Tags().get("scalars", []):
             points.update({e.step: e.value for e in ea.Scalars(tag)})
     return sorted(points.items())
+
+
+def reward_vs_control(runs: dict[int, Path], phases: list[str]) -> list[dict[str, Any]]:
+    """Training reward each RL phase gains over its frozen control (lr = 0, same prompts in the same order).
+
+    For every phase ``<kind>_rl...`` with a ``<kind>_rl_control`` phase in the same run (ablations, which start
+    from another export, are left out): per seed, the mean over the second half of the logged steps of
+    ``reward(phase) - reward(control)`` at the same step; then mean ± std over seeds. Prompt difficulty, which
+    moves both alike, cancels.
+    """
+    rows = []
+    for phase in phases:
+        kind = phase.split("_rl")[0]
+        control = f"{kind}_rl_control"
+        if phase == control or "_no_" in phase or control not in phases:
+            continue
+        gains, own, ctrl = [], [], []
+        for run in runs.values():
+            mine = dict(_scalars(run / "logs" / phase, "train/reward"))
+            base = dict(_scalars(run / "logs" / control, "train/reward"))
+            steps = sorted(set(mine) & set(base))
+            late = [t for t in steps if t >= steps[-1] / 2] if steps else []
+            if late:
+                gains.append(statistics.fmean(mine[t] - base[t] for t in late))
+                own.append(statistics.fmean(mine[t] for t in late))
+                ctrl.append(statistics.fmean(base[t] for t in late))
+        if gains:
+            rows.append({"phase": phase, "control": control, "reward (2nd half)": fmt_mean_std(*_mean_std(own)),
+                         "control reward": fmt_mean_std(*_mean_std(ctrl)),
+                         "gain over control": fmt_mean_std(*_mean_std(gains)),
+                         "seeds with a gain": f"{sum(g > 0 for g in gains)}/{len(gains)}"})
+    return rows
 
 
 def plot_curves(runs: dict[int, Path], phases: list[str], tag: str, path: Path, title: str) -> None:
@@ -175,8 +236,14 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
                 "codes in use during latent RL rollouts")
     plot_bars(rows, "ratio", out_dir / "ratio.png", "judge score ratio (mean ± std over seeds)")
     plot_bars(rows, "diversity", out_dir / "diversity.png", "rollout semantic diversity (TF-IDF encoder)")
+    control_table = reward_vs_control(runs, rl_phases)
+    paired_table = paired_rows(per_seed, "SFT")
+    paired = markdown_table(paired_table, list(paired_table[0])) if paired_table else "(no SFT agent)"
     text = "\n".join([
         f"## Judge score ratio ({len(seeds)} seeds: mean ± std over seeds)", "", _table(rows, "ratio"), "",
+        "## Judge score ratio minus SFT's on the same seed (mean ± std over seeds)", "", paired, "",
+        "## Training reward gained over a frozen control (lr = 0, same prompts; mean ± std over seeds)", "",
+        markdown_table(control_table, list(control_table[0])) if control_table else "(no control phases)", "",
         "## Rollout semantic diversity (1 + mean pairwise cosine distance, TF-IDF encoder)", "",
         _table(rows, "diversity"), "", "## distinct-2", "", _table(rows, "distinct_2"), "",
         "## Stage 1: inverse dynamics and world model (final validation metrics, mean ± std over seeds)", "",
@@ -186,7 +253,8 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
         "Plots: reward_curves.png, codes_used.png, ratio.png, diversity.png", ""])
     (out_dir / "results.md").write_text(text)
     phases = {kind: phase_rows(per_seed, kind) for kind in PHASE_METRICS}
-    (out_dir / "results.json").write_text(json.dumps({"seeds": seeds, "rows": rows, "phases": phases}, indent=2,
-                                                     default=str))
+    record = {"seeds": seeds, "rows": rows, "paired_vs_sft": paired_table, "reward_vs_control": control_table,
+              "phases": phases}
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2, default=str))
     print(text)
     return {"rows": rows}

@@ -1,6 +1,6 @@
 import pytest
 
-from latent_mca.eval.results import _table, aggregate, phase_rows
+from latent_mca.eval.results import _table, aggregate, paired_rows, phase_rows
 
 
 def summary(ratio_id, ratio_ood, gain, codes):
@@ -28,3 +28,37 @@ def test_phase_rows_cover_every_ablation_and_mark_missing_metrics():
     assert [r["phase"] for r in rows] == ["inverse_dynamics", "inverse_dynamics_no_text"]
     assert rows[0]["val/mm_wm_gain"] == "0.200 ± 0.141" and rows[0]["val/codes_used"].startswith("50.000")
     assert rows[1]["val/mm_wm_gain"] == "0.100 ± 0.071" and rows[1]["val/codes_used"].startswith("n/a")
+
+
+def test_paired_rows_subtract_the_baseline_of_the_same_seed():
+    def two_agents(sft, rl):
+        out = summary(sft, sft, 0.1, 40)
+        out["eval"].append({"agent": "RL", "test_id": {"ratio": {"mean": rl}}})
+        return out
+
+    (row,) = paired_rows({0: two_agents(0.5, 0.6), 1: two_agents(0.9, 0.8), 2: two_agents(0.7, 0.75)}, "SFT")
+    assert row["agent"] == "RL" and row["test_id"] == "+0.017 ± 0.104" and row["test_id seeds better"] == "2/3"
+    assert row["test_ood"] == "n/a"  # the RL agent was not evaluated there
+
+
+def write_rewards(run, phase, rewards):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run / "logs" / phase / "version_0"))
+    for step, value in enumerate(rewards):
+        writer.add_scalar("train/reward", value, step)
+    writer.close()
+
+
+def test_reward_vs_control_pairs_steps_over_the_second_half(tmp_path):
+    from latent_mca.eval.results import reward_vs_control
+
+    runs = {s: tmp_path / f"seed{s}" for s in (0, 1)}
+    for s, run in runs.items():
+        control = [0.5, 0.9, 0.1, 0.7]  # prompt difficulty: shared by the phase on the same seed
+        write_rewards(run, "latent_rl_control", control)
+        write_rewards(run, "latent_rl", [c + d for c, d in zip(control, (0.0, 0.0, 0.1 * (s + 1), 0.1 * (s + 1)))])
+        write_rewards(run, "latent_rl_no_text", control)  # an ablation: another start, not compared
+    (row,) = reward_vs_control(runs, ["latent_rl", "latent_rl_control", "latent_rl_no_text"])
+    assert row["phase"] == "latent_rl" and row["gain over control"] == "0.150 ± 0.071"
+    assert row["seeds with a gain"] == "2/2" and row["control reward"] == "0.400 ± 0.000"
