@@ -207,7 +207,7 @@ def plot_bars(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -
 
 
 def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None = None, root: str = "runs/results",
-            out: str = "docs/results") -> dict[str, Any]:
+            out: str = "docs/results", baselines: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline for every seed and write the aggregated table and plots.
 
     Args:
@@ -215,6 +215,8 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
         seeds: Seeds to run (default 0, 1, 2).
         root: Runs go to ``<root>/seed<N>`` (re-runs skip finished phases).
         out: Directory for ``results.md``, ``results.json`` and the plots.
+        baselines: Agents every other agent is compared with seed by seed (default ``SFT`` and ``BC (latent)``,
+            the starting points of token and latent RL); absent ones are left out.
 
     Returns:
         The aggregated rows.
@@ -237,11 +239,15 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
     plot_bars(rows, "ratio", out_dir / "ratio.png", "judge score ratio (mean ± std over seeds)")
     plot_bars(rows, "diversity", out_dir / "diversity.png", "rollout semantic diversity (TF-IDF encoder)")
     control_table = reward_vs_control(runs, rl_phases)
-    paired_table = paired_rows(per_seed, "SFT")
-    paired = markdown_table(paired_table, list(paired_table[0])) if paired_table else "(no SFT agent)"
+    agents = {r["agent"] for s in per_seed.values() for r in s["eval"]}
+    paired_tables = {b: paired_rows(per_seed, b) for b in (baselines or ["SFT", "BC (latent)"]) if b in agents}
+    paired = []
+    for baseline, table in paired_tables.items():
+        paired += [f"## Judge score ratio minus {baseline}'s on the same seed (mean ± std over seeds)", "",
+                   markdown_table(table, list(table[0])) if table else "(no other agent)", ""]
     text = "\n".join([
         f"## Judge score ratio ({len(seeds)} seeds: mean ± std over seeds)", "", _table(rows, "ratio"), "",
-        "## Judge score ratio minus SFT's on the same seed (mean ± std over seeds)", "", paired, "",
+        *paired,
         "## Training reward gained over a frozen control (lr = 0, same prompts; mean ± std over seeds)", "",
         markdown_table(control_table, list(control_table[0])) if control_table else "(no control phases)", "",
         "## Rollout semantic diversity (1 + mean pairwise cosine distance, TF-IDF encoder)", "",
@@ -253,7 +259,7 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
         "Plots: reward_curves.png, codes_used.png, ratio.png, diversity.png", ""])
     (out_dir / "results.md").write_text(text)
     phases = {kind: phase_rows(per_seed, kind) for kind in PHASE_METRICS}
-    record = {"seeds": seeds, "rows": rows, "paired_vs_sft": paired_table, "reward_vs_control": control_table,
+    record = {"seeds": seeds, "rows": rows, "paired": paired_tables, "reward_vs_control": control_table,
               "phases": phases}
     (out_dir / "results.json").write_text(json.dumps(record, indent=2, default=str))
     print(text)
