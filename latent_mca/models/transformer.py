@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +140,11 @@ def _fuse_legacy_weights(state_dict: dict[str, Tensor], prefix: str, parts: tupl
         state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
 
 
+def _upgrade_hook(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: convert an older checkpoint layout before the keys are matched."""
+    module.upgrade_legacy_keys(state_dict, prefix)
+
+
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) self-attention with RoPE over ``F.scaled_dot_product_attention``.
 
@@ -152,9 +158,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(d, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
         self.dropout = config.dropout
-        self.register_load_state_dict_pre_hook(
-            lambda module, state, prefix, *_: _fuse_legacy_weights(state, prefix, ("q_proj", "k_proj", "v_proj"),
-                                                                   "qkv_proj"))
+        self.register_load_state_dict_pre_hook(_upgrade_hook)
+
+    def upgrade_legacy_keys(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Fuse an older checkpoint's ``q_proj``/``k_proj``/``v_proj`` into ``qkv_proj`` (in place, idempotent)."""
+        _fuse_legacy_weights(state_dict, prefix, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor,
                 past: tuple[Tensor, Tensor] | _Slot | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -193,9 +201,11 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(input_size, 2 * hidden_size, bias=False)
         self.down_proj = nn.Linear(hidden_size, output_size, bias=False)
-        self.register_load_state_dict_pre_hook(
-            lambda module, state, prefix, *_: _fuse_legacy_weights(state, prefix, ("gate_proj", "up_proj"),
-                                                                   "gate_up_proj"))
+        self.register_load_state_dict_pre_hook(_upgrade_hook)
+
+    def upgrade_legacy_keys(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Fuse an older checkpoint's ``gate_proj``/``up_proj`` into ``gate_up_proj`` (in place, idempotent)."""
+        _fuse_legacy_weights(state_dict, prefix, ("gate_proj", "up_proj"), "gate_up_proj")
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the gated MLP to the last dimension."""

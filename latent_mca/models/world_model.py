@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latent_mca.models.transformer import fast_linear, swiglu_hidden_size
+from latent_mca.models.transformer import _upgrade_hook, fast_linear, swiglu_hidden_size
 
 __all__ = ["MergeBlock", "WorldModel", "WorldModelConfig", "build_world_model"]
 
@@ -89,7 +89,11 @@ class MergeBlock(nn.Module):
         nn.init.uniform_(self.state_proj.weight, -bound, bound)
         nn.init.uniform_(self.code_proj.weight, -bound, bound)
         nn.init.zeros_(self.proj.weight)  # the block starts as the identity
-        self.register_load_state_dict_pre_hook(lambda module, state, prefix, *_: _split_legacy_weights(state, prefix))
+        self.register_load_state_dict_pre_hook(_upgrade_hook)
+
+    def upgrade_legacy_keys(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Split an older checkpoint's ``fc1``/``fc2`` into ``state_proj``/``code_proj`` (in place, idempotent)."""
+        _split_legacy_weights(state_dict, prefix)
 
     def code_features(self, code: Tensor) -> Tensor:
         """The code half ``W_c c`` for code vectors ``(..., d)``: ``(..., 2 * width)``."""

@@ -124,6 +124,13 @@ class PhaseModule(L.LightningModule):
         """
         accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
         self.train_batches_seen = int(checkpoint.get(BATCHES_KEY, checkpoint.get("global_step", 0) * accumulate))
+        # Checkpoints of an older layout (separate q/k/v, gate/up, fc1/fc2 matrices) are converted by the
+        # modules' load hooks; convert the keys here too so that the check below sees the current names.
+        state = checkpoint["state_dict"]
+        for name, module in self.named_modules():
+            upgrade = getattr(module, "upgrade_legacy_keys", None)
+            if callable(upgrade):
+                upgrade(state, f"{name}." if name else "")
         expected = {k for k in self.state_dict() if not (self.backbone_frozen and k.startswith(BACKBONE_PREFIX))}
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
