@@ -206,12 +206,14 @@ def plot_bars(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -
     plt.close(fig)
 
 
-def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None = None, root: str = "runs/results",
-            out: str = "docs/results", baselines: list[str] | None = None) -> dict[str, Any]:
+def results(pipeline_config: str = "configs/demo/results.yaml", seeds: list[int] | None = None,
+            root: str = "runs/results", out: str = "docs/results",
+            baselines: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline for every seed and write the aggregated table and plots.
 
     Args:
-        config: A pipeline config (phases, agents, splits) including the ablation phases.
+        pipeline_config: A pipeline config (phases, agents, splits), e.g. with the ablation phases. (Not
+            ``config``: the command line reserves ``--config`` for files of this command's own arguments.)
         seeds: Seeds to run (default 0, 1, 2).
         root: Runs go to ``<root>/seed<N>`` (re-runs skip finished phases).
         out: Directory for ``results.md``, ``results.json`` and the plots.
@@ -227,7 +229,8 @@ def results(config: str = "configs/demo/results.yaml", seeds: list[int] | None =
     runs = {s: Path(root) / f"seed{s}" for s in seeds}
     per_seed = {}
     for seed, run in runs.items():
-        per_seed[seed] = run_command("pipeline", ["--config", config, "--seed", str(seed), "--run_dir", str(run)])
+        args = ["--config", pipeline_config, "--seed", str(seed), "--run_dir", str(run)]
+        per_seed[seed] = run_command("pipeline", args)
     rows = aggregate(per_seed)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,34 @@ def test_unknown_config_key_fails_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", cfg])
     assert "hiden" in capsys.readouterr().err
+
+
+def test_no_command_takes_a_parameter_named_config():
+    """The `--config` option reads files of arguments: a parameter named config would never get a value."""
+    import inspect
+
+    from latent_mca.cli import resolve_command
+
+    assert not [name for name in COMMANDS if "config" in inspect.signature(resolve_command(name)).parameters]
+
+
+def test_results_runs_the_pipeline_config_it_is_given(monkeypatch, tmp_path):
+    import latent_mca.cli as cli
+
+    real, calls = cli.run_command, []
+
+    class Stop(Exception):
+        pass
+
+    def spy(name, args):
+        if name == "pipeline":
+            calls.append(list(args))
+            raise Stop
+        return real(name, args)
+
+    monkeypatch.setattr(cli, "run_command", spy)
+    with pytest.raises(Stop):
+        main(["results", "--pipeline_config", "configs/demo/rl_lr_sweep.yaml", "--seeds", "[4]",
+              "--root", str(tmp_path)])
+    assert calls == [["--config", "configs/demo/rl_lr_sweep.yaml", "--seed", "4", "--run_dir",
+                      str(tmp_path / "seed4")]]
