@@ -38,18 +38,9 @@ from latent_mca.models import (
 )
 from latent_mca.models.agent import LatentAgent, LatentRollout, SamplingConfig
 from latent_mca.phases.base import PhaseModule
-from latent_mca.rl.dynamic import GroupRefill
+from latent_mca.rl.dynamic import GroupRefill, group_rows
 from latent_mca.rl.rewards.base import RewardFunction
-from latent_mca.rl.update import (
-    RLConfig,
-    decode_completions,
-    gather_rows,
-    log_step,
-    optimise,
-    prepare_advantages,
-    refill,
-    score_rollouts,
-)
+from latent_mca.rl.update import RLConfig, advantages_for_update, decode_completions, log_step, optimise, score_rollouts
 
 FROZEN = ("codebook", "world_model")
 CARRIED = ("projector", "inverse")  # exported unchanged so the next reader has the whole latent space
@@ -84,6 +75,8 @@ class LatentRLModule(PhaseModule):
                                        top_k=self.rl.top_k, top_p=self.rl.top_p, token_temperature=token_temperature)
         self.policy: LatentPolicy | None = None
         self.ref_policy: LatentPolicy | None = None
+        # DAPO dynamic sampling: informative groups wait here across steps until an update's worth is drawn.
+        self.refill_buffer: GroupRefill[LatentRollout] | None = None
 
     # ------------------------------------------------------------------ construction
     def build_modules(self) -> None:
@@ -104,6 +97,9 @@ class LatentRLModule(PhaseModule):
             # A copy of the policy as loaded from init_from: on resume the checkpoint restores self.policy
             # only, so the reference stays the initial policy.
             self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        if self.rl.dynamic_sampling:
+            self.refill_buffer = GroupRefill(self.rl.num_generations, self.rl.dynamic_sampling_max_batches,
+                                             select=_select_groups, cat=LatentRollout.cat)
 
     @property
     def agent(self) -> LatentAgent:
@@ -162,17 +158,12 @@ class LatentRLModule(PhaseModule):
         self.policy.train()
         texts = decode_completions(self.backbone.tokenizer, rollout.tokens, rollout.mask)
         rewards = score_rollouts(self.reward, batch, texts, g).to(self.device)
-        sampled = None
-        if cfg.dynamic_sampling:
-            filled = refill(self, self.refill_buffer, rollout, rewards, rollout.lengths, rollout.finished,
-                            batch.batch_size)
-            if filled is None:
-                return
-            rollout, rewards, sampled = filled.payload, filled.rewards, filled.stats
+        update = advantages_for_update(self, cfg, self.refill_buffer, rollout, rewards, rollout.lengths,
+                                       rollout.finished, batch.batch_size)
+        if update is None:
+            return
+        rollout, adv = update
         rows = batch.batch_size * g
-        adv = prepare_advantages(rewards, rollout.lengths, rollout.finished, cfg,
-                                 gather=lambda v: gather_rows(self, v, rows))
-        adv.stats.update(sampled or {})
         mask = rollout.mask * adv.row_mask[:, None].to(rollout.mask)  # (N, T)
         old = rollout.code_logp.clamp_min(LOGP_FLOOR)
         ref = None
@@ -185,15 +176,6 @@ class LatentRLModule(PhaseModule):
         self.log_dict({"train/codes_used": usage["used"], "train/code_perplexity": usage["perplexity"]},
                       batch_size=rows)
 
-    @property
-    def refill_buffer(self) -> GroupRefill[LatentRollout]:
-        """The DAPO buffer of informative groups across batches (created on first use)."""
-        if getattr(self, "_refill", None) is None:
-            self._refill = GroupRefill(self.rl.num_generations, self.rl.dynamic_sampling_max_batches,
-                                       select=_select_groups, cat=LatentRollout.cat)
-        return self._refill
-
 
 def _select_groups(rollout: LatentRollout, groups: Tensor) -> LatentRollout:
-    g = rollout.num_samples
-    return rollout.select((groups[:, None] * g + torch.arange(g, device=groups.device)).flatten())
+    return rollout.select(group_rows(groups, rollout.num_samples))

@@ -28,18 +28,9 @@ from latent_mca.batch import ChatInputs, DialogueBatch
 from latent_mca.models import Backbone, BackboneConfig, processed_logprobs
 from latent_mca.phases.base import PhaseModule
 from latent_mca.rl.advantages import completion_mask_from_eos
-from latent_mca.rl.dynamic import GroupRefill
+from latent_mca.rl.dynamic import GroupRefill, group_rows
 from latent_mca.rl.rewards.base import RewardFunction
-from latent_mca.rl.update import (
-    RLConfig,
-    decode_completions,
-    gather_rows,
-    log_step,
-    optimise,
-    prepare_advantages,
-    refill,
-    score_rollouts,
-)
+from latent_mca.rl.update import RLConfig, advantages_for_update, decode_completions, log_step, optimise, score_rollouts
 
 LOGP_FLOOR = -30.0
 
@@ -69,6 +60,8 @@ class TokenRLModule(PhaseModule):
         self.reward = reward
         self.rl = rl or RLConfig()
         self.ref_backbone: Backbone | None = None
+        # DAPO dynamic sampling: informative groups wait here across steps until an update's worth is drawn.
+        self.refill_buffer: GroupRefill[_TokenRollout] | None = None
 
     def build_modules(self) -> None:
         """Keep a frozen reference unless LoRA can simply switch its adapters off."""
@@ -76,6 +69,11 @@ class TokenRLModule(PhaseModule):
             ref = copy.deepcopy(self.backbone)
             ref.config = dataclasses.replace(ref.config, trainable="none")  # Backbone.train() keeps it in eval
             self.ref_backbone = ref.requires_grad_(False).eval()
+        if self.rl.dynamic_sampling:
+            g, pad = self.rl.num_generations, self.backbone.tokenizer.pad_token_id
+            self.refill_buffer = GroupRefill(g, self.rl.dynamic_sampling_max_batches,
+                                             select=lambda r, groups: r.select(groups, g),
+                                             cat=lambda parts: _TokenRollout.cat(parts, 0 if pad is None else pad))
 
     def export_targets(self) -> list[nn.Module]:
         """The backbone is what this phase exports."""
@@ -129,17 +127,12 @@ class TokenRLModule(PhaseModule):
         finished = (is_eos & mask.bool()).any(-1)
         texts = decode_completions(self.backbone.tokenizer, completion, mask)
         rewards = score_rollouts(self.reward, batch, texts, g).to(self.device)
-        sampled = None
-        if cfg.dynamic_sampling:
-            filled = refill(self, self.refill_buffer, _TokenRollout(prompt, completion, mask), rewards,
-                            mask.sum(-1), finished, batch.batch_size)
-            if filled is None:
-                return
-            (prompt, completion, mask), rewards, finished, sampled = (filled.payload, filled.rewards,
-                                                                      filled.finished, filled.stats)
+        update = advantages_for_update(self, cfg, self.refill_buffer, _TokenRollout(prompt, completion, mask),
+                                       rewards, mask.sum(-1), finished, batch.batch_size)
+        if update is None:
+            return
+        (prompt, completion, mask), adv = update
         rows = batch.batch_size * g
-        adv = prepare_advantages(rewards, mask.sum(-1), finished, cfg, gather=lambda v: gather_rows(self, v, rows))
-        adv.stats.update(sampled or {})
         loss_mask = mask * adv.row_mask[:, None].to(mask)
         rep = prompt.repeat_interleave(g)
         full = _append(rep, completion, mask)
@@ -155,16 +148,6 @@ class TokenRLModule(PhaseModule):
                                loss_mask, cfg)
         log_step(self, loss, adv, stats, self.reward, rows)
 
-    @property
-    def refill_buffer(self) -> GroupRefill[_TokenRollout]:
-        """The DAPO buffer of informative groups across batches (created on first use)."""
-        if getattr(self, "_refill", None) is None:
-            pad = self.backbone.tokenizer.pad_token_id
-            self._refill = GroupRefill(self.rl.num_generations, self.rl.dynamic_sampling_max_batches,
-                                       select=lambda r, groups: r.select(groups, self.rl.num_generations),
-                                       cat=lambda parts: _TokenRollout.cat(parts, 0 if pad is None else pad))
-        return self._refill
-
 
 class _TokenRollout(NamedTuple):
     """What dynamic sampling keeps of a token rollout: prompts ``(B, P)`` and completions ``(B * G, T)``."""
@@ -174,7 +157,7 @@ class _TokenRollout(NamedTuple):
     mask: Tensor
 
     def select(self, groups: Tensor, g: int) -> _TokenRollout:
-        rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()  # (groups * G,)
+        rows = group_rows(groups, g)  # (groups * G,)
         return _TokenRollout(self.prompt.select(groups), self.completion[rows], self.mask[rows])
 
     @staticmethod

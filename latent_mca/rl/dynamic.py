@@ -27,6 +27,11 @@ from latent_mca.rl.advantages import dynamic_sampling_mask
 P = TypeVar("P")
 
 
+def group_rows(groups: Tensor, group_size: int) -> Tensor:
+    """Row indices ``(len(groups) * group_size,)`` of the given groups, rows grouped by prompt."""
+    return (groups[:, None] * group_size + torch.arange(group_size, device=groups.device)).flatten()
+
+
 @dataclass
 class Refilled(Generic[P]):
     """A full update batch assembled from one or more rollouts.
@@ -99,7 +104,7 @@ class GroupRefill(Generic[P]):
         self._groups_seen += int(keep.numel())
         groups = keep.nonzero().flatten()
         if groups.numel():
-            rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()  # (kept * G,)
+            rows = group_rows(groups, g)  # (kept * G,)
             self._parts.append((self.select(payload, groups), rewards[rows], lengths[rows], finished[rows]))
 
     def ready(self, target_groups: int) -> bool:

@@ -23,7 +23,7 @@ from latent_mca.rl.advantages import (
     overlong_penalty,
     valid_reward_mask,
 )
-from latent_mca.rl.dynamic import GroupRefill, Refilled
+from latent_mca.rl.dynamic import GroupRefill
 from latent_mca.rl.losses import Algorithm
 from latent_mca.rl.rewards.base import RewardFunction, RewardInput
 
@@ -236,22 +236,42 @@ def log_step(module: Any, loss: Tensor, adv: Advantages, stats: dict[str, Tensor
         module.log_dict(numeric, batch_size=rows)
 
 
-def refill(module: Any, buffer: GroupRefill, payload: Any, rewards: Tensor, lengths: Tensor, finished: Tensor,
-           target_groups: int) -> Refilled | None:
-    """DAPO dynamic sampling step: add a rollout's informative groups; the update batch once every rank is ready.
+def advantages_for_update(module: Any, cfg: RLConfig, buffer: GroupRefill | None, payload: Any, rewards: Tensor,
+                          lengths: Tensor, finished: Tensor, prompts: int) -> tuple[Any, Advantages] | None:
+    """The batch an RL step updates on, and its advantages.
 
-    Ranks decide together (an update runs collective calls), so a rank that is ready keeps sampling until all
-    are; ``rl.dynamic_sampling_max_batches`` bounds the wait on every rank alike.
+    Without dynamic sampling (``buffer`` None) that is this step's rollout. With it, the rollout's informative
+    groups join ``buffer``, and the batch is the buffer's content once every rank holds ``prompts`` groups (or
+    has drawn ``rl.dynamic_sampling_max_batches`` batches): ranks decide together, since an update runs
+    collective calls.
+
+    Args:
+        module: The RL LightningModule (for the strategy, logging and gathering).
+        cfg: RL settings.
+        buffer: DAPO's buffer across steps, or None.
+        payload: This step's rollout (whatever the module updates from), rows grouped by prompt.
+        rewards: Its rewards ``(N,)``; ``lengths`` and ``finished`` likewise ``(N,)``.
+        lengths: Completion lengths ``(N,)``.
+        finished: Whether each completion ended with an end-of-turn token ``(N,)``.
+        prompts: Prompts per data batch (groups per update).
 
     Returns:
-        The assembled batch, or None when this step only samples (no optimiser step, ``global_step`` stays).
+        ``(payload, advantages)`` to update on, or None when this step only samples (no optimiser step).
     """
-    buffer.add(payload, rewards, lengths, finished)
-    waiting = torch.tensor(float(not buffer.ready(target_groups)), device=rewards.device)
-    if float(module.trainer.strategy.reduce(waiting, reduce_op="sum")) > 0:
-        module.log("train/sampling_kept_groups", float(buffer.kept_groups), batch_size=int(rewards.numel()))
-        return None
-    return buffer.pop(target_groups)
+    sampled: dict[str, float] = {}
+    if buffer is not None:
+        buffer.add(payload, rewards, lengths, finished)
+        waiting = torch.tensor(float(not buffer.ready(prompts)), device=rewards.device)
+        if float(module.trainer.strategy.reduce(waiting, reduce_op="sum")) > 0:
+            module.log("train/sampling_kept_groups", float(buffer.kept_groups), batch_size=int(rewards.numel()))
+            return None
+        filled = buffer.pop(prompts)
+        payload, rewards, lengths, finished, sampled = (filled.payload, filled.rewards, filled.lengths,
+                                                        filled.finished, filled.stats)
+    rows = prompts * cfg.num_generations
+    adv = prepare_advantages(rewards, lengths, finished, cfg, gather=lambda v: gather_rows(module, v, rows))
+    adv.stats.update(sampled)
+    return payload, adv
 
 
 def gather_rows(module: Any, values: Tensor, rows: int) -> Tensor:
