@@ -58,11 +58,10 @@ class ChatInputs:
         """
         if repeats == 1:
             return self
-        grid = self.vision.get("image_grid_thw")
+        chunks = self._image_chunks()  # patches of each image (None: per-row tensors)
         vision = {}
         for key, value in self.vision.items():
-            if key == "pixel_values" and grid is not None:
-                chunks = torch.split(value, grid.prod(-1).tolist())  # patches of each image
+            if key == "pixel_values" and chunks is not None:
                 vision[key] = torch.cat([c for c in chunks for _ in range(repeats)])
             else:
                 vision[key] = value.repeat_interleave(repeats, dim=0)

@@ -134,6 +134,13 @@ def reward_vs_control(runs: dict[int, Path], phases: list[str]) -> list[dict[str
     ``reward(phase) - reward(control)`` at the same step; then mean ± std over seeds. Prompt difficulty, which
     moves both alike, cancels.
     """
+    curves: dict[tuple[Path, str], dict[int, float]] = {}
+
+    def rewards(run: Path, phase: str) -> dict[int, float]:  # each event file is read once (controls are shared)
+        if (run, phase) not in curves:
+            curves[run, phase] = dict(_scalars(run / "logs" / phase, "train/reward"))
+        return curves[run, phase]
+
     rows = []
     for phase in phases:
         kind = phase.split("_rl")[0]
@@ -142,8 +149,7 @@ def reward_vs_control(runs: dict[int, Path], phases: list[str]) -> list[dict[str
             continue
         gains, own, ctrl = [], [], []
         for run in runs.values():
-            mine = dict(_scalars(run / "logs" / phase, "train/reward"))
-            base = dict(_scalars(run / "logs" / control, "train/reward"))
+            mine, base = rewards(run, phase), rewards(run, control)
             steps = sorted(set(mine) & set(base))
             late = [t for t in steps if t >= steps[-1] / 2] if steps else []
             if late:
